@@ -1,0 +1,140 @@
+"""``supernet-router``: the command line.
+
+Exit codes: 0 ok, 1 a bug (traceback), 2 bad usage or input (one line on
+stderr), 3 a checkpoint or table that does not match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from policies.errors import InvalidRequest, SupernetError
+
+log = logging.getLogger("supernet_router")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.run(args) or 0
+    except SupernetError as exc:
+        print(f"supernet-router: error: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="supernet-router", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    checkpoint = commands.add_parser("checkpoint", help="make or locate checkpoints")
+    checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", required=True, metavar="KIND")
+    tiny = checkpoint_commands.add_parser("tiny", help="a small random-weight supernet in the Apriel2 layout")
+    tiny.add_argument("--out", required=True, type=Path, help="folder to write config.json, safetensors, tokenizer")
+    tiny.add_argument("--layers", type=int, default=6, help="decoder layers (default 6)")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    tiny.add_argument("--window", type=int, default=16, help="sliding-window size (default 16, so short tests cross it)")
+    tiny.set_defaults(run=run_checkpoint_tiny)
+
+    generate = commands.add_parser("generate", help="generate text with one placement per request")
+    generate.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder")
+    source = generate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--requests", type=Path,
+                        help='JSONL file, one {"prompt", "placement", "max_tokens"} per line, run as one mixed batch')
+    generate.add_argument("--placement", help="placement code (AASGKG) or mixer names; default: the checkpoint's main mixers")
+    generate.add_argument("--max-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    generate.add_argument("--json", action="store_true", help="print JSON: {placement, tokens, text} per request")
+    generate.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow reference)")
+    generate.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
+    generate.set_defaults(run=run_generate)
+    return parser
+
+
+def run_checkpoint_tiny(args) -> int:
+    from workers.model.tiny import make_tiny_checkpoint
+
+    if args.layers < 1:
+        raise InvalidRequest(f"--layers must be at least 1, got {args.layers}")
+    if args.window < 1:
+        raise InvalidRequest(f"--window must be at least 1, got {args.window}")
+    out = make_tiny_checkpoint(args.out, num_layers=args.layers, seed=args.seed, window_size=args.window)
+    print(out)
+    return 0
+
+
+def run_generate(args) -> int:
+    import torch
+
+    from workers.generate import GenerationRequest, generate
+    from workers.model.loader import load_checkpoint
+    from workers.model.tokenizer import Tokenizer
+    from workers.sampling import SamplingParams
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = load_checkpoint(args.checkpoint, device=device, dtype=dtype)
+    tokenizer = Tokenizer.load(args.checkpoint)
+
+    def params(max_tokens) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed)
+
+    def placement(spec):
+        return model.config.placement(spec) if spec is not None else model.config.main_placement
+
+    if args.prompt is not None:
+        requests = [GenerationRequest(tokenizer.encode(args.prompt), placement(args.placement), params(args.max_tokens))]
+    else:
+        requests = [GenerationRequest(tokenizer.encode(line["prompt"]), placement(line.get("placement", args.placement)),
+                                      params(line.get("max_tokens", args.max_tokens)))
+                    for line in read_requests(args.requests)]
+    results = generate(model, requests, use_cache=not args.no_cache, eos_token_id=tokenizer.eos_token_id)
+    for request, result in zip(requests, results):
+        text = tokenizer.decode(result.tokens)
+        if args.json:
+            print(json.dumps({"placement": request.placement.code, "tokens": result.tokens, "text": text}))
+        else:
+            print(f"[{request.placement.code}] {text}")
+    return 0
+
+
+def read_requests(path: Path) -> list[dict]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise InvalidRequest(f"{path}: cannot read ({exc.strerror})") from None
+    requests = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+            raise InvalidRequest(f'{path}:{number}: each line must be an object with a "prompt" string')
+        max_tokens = entry.get("max_tokens")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+            raise InvalidRequest(f"{path}:{number}: max_tokens must be a positive integer, got {max_tokens!r}")
+        requests.append(entry)
+    if not requests:
+        raise InvalidRequest(f"{path}: no requests in the file")
+    return requests
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Shared fixtures: one small random supernet checkpoint per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# One intra-op thread: tiny tensors gain nothing from more, and oversubscribed
+# OpenMP threads spin (a 100x slowdown when another process holds a core).
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """6 layers, window 16: short prompts plus a few dozen tokens cross the window."""
+    from workers.model.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), num_layers=6, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_checkpoint):
+    from workers.model.loader import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint, kernels="torch")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_checkpoint):
+    from workers.model.tokenizer import Tokenizer
+
+    return Tokenizer.load(tiny_checkpoint)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,73 @@
+"""Static-batch generation: every request runs its own placement inside one batch.
+
+This is the reference loop the CLI uses and the exactness tests compare
+against; the continuous-batching engine serves production traffic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from policies.placement import Placement
+from workers.model.batch import ForwardBatch
+from workers.model.supernet import SupernetLM
+from workers.sampling import SamplingParams, sample
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    placement: Placement
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    tokens: list[int]
+    finish_reason: str  # "length" or "stop"
+
+
+@torch.inference_mode()
+def generate(model: SupernetLM, requests: list[GenerationRequest], use_cache: bool = True,
+             eos_token_id: int | None = None) -> list[GenerationResult]:
+    """Run all requests as one batch until each hits max_tokens or end-of-sequence.
+
+    ``use_cache=False`` recomputes every sequence from scratch at each step: the slow reference.
+    """
+    for request in requests:
+        model.check_placement(request.placement)
+        if not request.prompt_ids:
+            raise ValueError("a prompt needs at least one token")
+    eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
+    placements = [r.placement for r in requests]
+    caches = ([model.new_cache(r.placement, len(r.prompt_ids) + r.params.max_tokens) for r in requests]
+              if use_cache else None)
+    generators = [r.params.generator(model.device) for r in requests]
+    outputs: list[list[int]] = [[] for _ in requests]
+    finish: list[str | None] = [None] * len(requests)
+    new_tokens = [list(r.prompt_ids) for r in requests]
+    active = list(range(len(requests)))
+    while active:
+        if use_cache:
+            batch = ForwardBatch.build([new_tokens[i] for i in active], [placements[i] for i in active],
+                                       [caches[i] for i in active], device=model.device)
+        else:
+            batch = ForwardBatch.build([requests[i].prompt_ids + outputs[i] for i in active],
+                                       [placements[i] for i in active], None, device=model.device)
+        logits = model(batch)
+        still = []
+        for row, i in enumerate(active):
+            params = requests[i].params
+            token = sample(logits[row], params, generators[i])
+            outputs[i].append(token)
+            new_tokens[i] = [token]
+            if token == eos and not params.ignore_eos:
+                finish[i] = "stop"
+            elif len(outputs[i]) >= params.max_tokens:
+                finish[i] = "length"
+            else:
+                still.append(i)
+        active = still
+    return [GenerationResult(tokens, reason) for tokens, reason in zip(outputs, finish)]

@@ -1,0 +1,68 @@
+"""Full and sliding-window attention: GQA with rotary embeddings, causal.
+
+A sliding-window query at position p sees keys p-W+1 .. p (W keys including
+itself). Each row attends over its own cache; the mask is built from absolute
+key positions, so chunked prefill and multi-token steps past the window are
+exact (the reference's cached path is not in those cases).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.model.batch import RowGroup
+from workers.model.cache import KVCache, RingKVCache
+from workers.model.config import AttentionConfig
+from workers.model.layers import Rotary
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden_size: int, config: AttentionConfig):
+        super().__init__()
+        self.config = config
+        self.heads, self.kv_heads, self.head_size = config.heads, config.head_groups, config.head_size
+        self.window = config.window_size
+        self.scale = self.head_size**-0.5
+        self.q_proj = nn.Linear(hidden_size, self.heads * self.head_size, bias=config.q_bias)
+        self.k_proj = nn.Linear(hidden_size, self.kv_heads * self.head_size, bias=config.k_bias)
+        self.v_proj = nn.Linear(hidden_size, self.kv_heads * self.head_size, bias=config.v_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_size, hidden_size, bias=config.o_bias)
+        self.rotary = Rotary(self.head_size, config.rotary_theta)
+
+    def new_cache(self, capacity: int, dtype: torch.dtype, device) -> KVCache | RingKVCache:
+        if self.window is None:
+            return KVCache(capacity, self.kv_heads, self.head_size, dtype, device)
+        return RingKVCache(self.window, capacity, self.kv_heads, self.head_size, dtype, device)
+
+    def forward(self, x: torch.Tensor, group: RowGroup) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, self.heads, self.head_size)
+        k = self.k_proj(x).view(tokens, self.kv_heads, self.head_size)
+        v = self.v_proj(x).view(tokens, self.kv_heads, self.head_size)
+        cos, sin = self.rotary.cos_sin(group.positions, x.dtype)
+        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
+
+        out = torch.empty_like(q)
+        for r, row in enumerate(group.rows):
+            span = slice(row.offset, row.offset + row.length)
+            query_positions = group.positions[span]
+            if group.caches is None:
+                keys, values, key_positions = k[span], v[span], query_positions
+            else:
+                keys, values, key_positions = group.caches[r].extend(k[span], v[span], row.start)
+            out[span] = self._attend(q[span], keys, values, query_positions, key_positions)
+        return self.o_proj(out.reshape(tokens, self.heads * self.head_size))
+
+    def _attend(self, q, keys, values, query_positions, key_positions) -> torch.Tensor:
+        """One row: q [n, H, d] over keys/values [m, KVH, d] -> [n, H, d]."""
+        visible = key_positions[None, :] <= query_positions[:, None]
+        if self.window is not None:
+            visible &= key_positions[None, :] > query_positions[:, None] - self.window
+        mask = None if bool(visible.all()) else visible
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+            attn_mask=mask, scale=self.scale, enable_gqa=self.heads != self.kv_heads,
+        )
+        return out[0].transpose(0, 1)

@@ -1,0 +1,55 @@
+"""Gated DeltaNet (GDN) mixer, with the reference's flat QKVZ layout."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.model.batch import RowGroup
+from workers.model.cache import DeltaRuleCache
+from workers.model.config import GdnConfig
+from workers.model.layers import DepthwiseConv, GatedRMSNorm, activation
+from workers.model.recurrent import causal_conv, delta_rule
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, hidden_size: int, config: GdnConfig, kernels=None):
+        super().__init__()
+        self.config = config
+        self.value_heads, self.key_heads = config.value_heads, config.key_heads
+        self.key_head_dim, self.value_head_dim = config.key_head_dim, config.value_head_dim
+        self.key_dim = self.key_heads * self.key_head_dim
+        self.value_dim = self.value_heads * self.value_head_dim
+        self.conv_dim = 2 * self.key_dim + self.value_dim  # q, k, v (z is not convolved)
+        self.in_proj_qkvz = nn.Linear(hidden_size, 2 * self.key_dim + 2 * self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(hidden_size, 2 * self.value_heads, bias=False)
+        self.convolution = DepthwiseConv(self.conv_dim, config.conv_kernel)
+        self.out_proj = nn.Linear(self.value_dim, hidden_size, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(self.value_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.value_heads))
+        self.norm = GatedRMSNorm(self.value_head_dim, config.norm_eps)
+        self.conv_activation = activation(config.conv_activation)
+        self.kernels = kernels
+
+    def new_cache(self, capacity: int, dtype: torch.dtype, device) -> DeltaRuleCache:
+        return DeltaRuleCache(self.value_heads, self.key_head_dim, self.value_head_dim, [self.conv_dim],
+                              self.config.conv_kernel, dtype, device)
+
+    def forward(self, x: torch.Tensor, group: RowGroup) -> torch.Tensor:
+        tokens = x.shape[0]
+        qkv, z = self.in_proj_qkvz(x).split([self.conv_dim, self.value_dim], dim=-1)
+        b, a = self.in_proj_ba(x).split([self.value_heads, self.value_heads], dim=-1)
+        qkv = self.conv_activation(causal_conv(self.convolution, qkv, group, slot=0))
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(tokens, self.key_heads, self.key_head_dim)
+        k = k.reshape(tokens, self.key_heads, self.key_head_dim)
+        v = v.reshape(tokens, self.value_heads, self.value_head_dim)
+        if self.value_heads != self.key_heads:  # value head j reads key head j // (HV / HK)
+            repeat = self.value_heads // self.key_heads
+            q, k = q.repeat_interleave(repeat, dim=1), k.repeat_interleave(repeat, dim=1)
+        beta = b.sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        o = delta_rule(q, k, v, g, beta, group, self.kernels)
+        o = self.norm(o, z.reshape(tokens, self.value_heads, self.value_head_dim))
+        return self.out_proj(o.to(x.dtype).reshape(tokens, self.value_dim))

@@ -1,0 +1,112 @@
+"""Building blocks shared by the mixers: norms, the gated MLP, rotary embeddings, short convolutions.
+
+Numerics follow the reference (Fast-LLM's Apriel2 HF code): norms in fp32 and
+cast back, rotary angles in fp32 with half-split pairing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "relu": F.relu}
+
+
+def activation(name: str):
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r} (known: {', '.join(ACTIVATIONS)})") from None
+
+
+class RMSNorm(nn.Module):
+    """``weight * (x * rsqrt(mean(x^2) + eps))``, computed in fp32 and cast back before the weight."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Per-head RMSNorm of the mixer output, gated by ``act(gate)``; all in fp32 (fla's ``rms_norm_gated``)."""
+
+    def __init__(self, size: int, eps: float, gate_activation: str = "silu"):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+        self.gate_activation = activation(gate_activation)
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return (x * self.gate_activation(gate.float())).to(dtype)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu"):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DepthwiseConv(nn.Module):
+    """Causal depthwise conv over channels; weight ``[channels, 1, kernel]`` as in the checkpoint.
+
+    The last tap multiplies the current token. ``history`` holds the previous
+    ``kernel - 1`` inputs (zeros at the start of a sequence).
+    """
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` [batch, tokens, channels], ``history`` [batch, kernel-1, channels] -> (out, new history)."""
+        window = torch.cat([history.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
+        weight = self.weight[:, 0, :].t()  # [K, C]
+        tokens = x.shape[1]
+        # out[t] = sum_j window[t + j] * weight[j]: unfold along time, one multiply-add per tap.
+        frames = window.unfold(1, self.kernel, 1)  # [B, T, C, K]
+        out = torch.einsum("btck,kc->btc", frames, weight) if tokens > 1 else (window * weight).sum(1, keepdim=True)
+        return out, window[:, -(self.kernel - 1):]
+
+
+class Rotary(nn.Module):
+    """Mistral-1d rotary embeddings: every dimension rotates, dim j pairs with j + head_size/2."""
+
+    def __init__(self, head_size: int, theta: float):
+        super().__init__()
+        exponent = torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size
+        self.register_buffer("inv_freq", 1.0 / (theta**exponent), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        angles = torch.cat([angles, angles], dim=-1)  # [T, head_size]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` [T, heads, head_size]; cos/sin [T, head_size]."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / sqrt(sum(x^2) + eps)`` over the last dim, as fla's in-kernel q/k norm."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
