@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
-
+# Before numpy/torch load their BLAS: one thread each (see below).
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 # One intra-op thread: tiny tensors gain nothing from more, and oversubscribed
 # OpenMP threads spin (a 100x slowdown when another process holds a core).
 torch.set_num_threads(1)
