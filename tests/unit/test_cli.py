@@ -1,0 +1,77 @@
+"""The CLI in the exact forms later checks use, run as a real subprocess."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-m", "router.cli"]
+
+
+def run(*args, check=True):
+    result = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_checkpoint_tiny_and_generate_json(tmp_path):
+    out = tmp_path / "ckpt"
+    run("checkpoint", "tiny", "--out", out, "--layers", 4, "--seed", 3)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    cached = json.loads(run("generate", "--checkpoint", out, "--placement", "ASGK", "--prompt", "def f(x):",
+                            "--max-tokens", 20, "--json").stdout)
+    assert cached["placement"] == "ASGK" and len(cached["tokens"]) <= 20 and isinstance(cached["text"], str)
+    recomputed = json.loads(run("generate", "--checkpoint", out, "--placement", "ASGK", "--prompt", "def f(x):",
+                                "--max-tokens", 20, "--json", "--no-cache").stdout)
+    assert recomputed == cached
+
+
+def test_same_seed_same_checkpoint(tmp_path):
+    for name in ("a", "b"):
+        run("checkpoint", "tiny", "--out", tmp_path / name, "--layers", 2, "--seed", 5)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_requests_file_runs_one_mixed_batch_in_order(tiny_checkpoint, tmp_path):
+    lines = [{"prompt": "import sys", "placement": "AAAAAA", "max_tokens": 5},
+             {"prompt": "def main():", "placement": "GKSAGK", "max_tokens": 9},
+             {"prompt": "x = [", "placement": "KKKKKK", "max_tokens": 3}]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    outputs = [json.loads(line) for line in run("generate", "--checkpoint", tiny_checkpoint, "--requests", requests,
+                                                "--json").stdout.splitlines()]
+    assert [o["placement"] for o in outputs] == ["AAAAAA", "GKSAGK", "KKKKKK"]
+    for line, output in zip(lines, outputs):
+        alone = json.loads(run("generate", "--checkpoint", tiny_checkpoint, "--placement", line["placement"],
+                               "--prompt", line["prompt"], "--max-tokens", line["max_tokens"], "--json").stdout)
+        assert output == alone
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--placement", "AASGKX", "--prompt", "x"], 2, "unknown letter(s) X"),
+        (["--placement", "AAS", "--prompt", "x"], 2, "has 3 layers but the model has 6"),
+        (["--placement", "AAAAAA", "--prompt", "x", "--max-tokens", "0"], 2, "max_tokens must be at least 1"),
+        (["--placement", "AAAAAA", "--prompt", "x", "--temperature", "-1"], 2, "temperature must be >= 0"),
+    ],
+)
+def test_bad_generate_input_is_one_line_exit_2(tiny_checkpoint, args, code, message):
+    result = run("generate", "--checkpoint", tiny_checkpoint, *args, check=False)
+    assert result.returncode == code
+    assert result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_bad_requests_file_names_the_line(tiny_checkpoint, tmp_path):
+    requests = tmp_path / "bad.jsonl"
+    requests.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    result = run("generate", "--checkpoint", tiny_checkpoint, "--requests", requests, check=False)
+    assert result.returncode == 2 and f"{requests}:2: not valid JSON" in result.stderr
+
+
+def test_missing_checkpoint_is_exit_2(tmp_path):
+    result = run("generate", "--checkpoint", tmp_path / "none", "--prompt", "x", check=False)
+    assert result.returncode == 2 and "no such checkpoint folder" in result.stderr
