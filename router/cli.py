@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from policies.errors import InvalidRequest, SupernetError
+from router import toolkit_cli
 
 log = logging.getLogger("supernet_router")
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="supernet-router", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="supernet-router", description="Serve and tune supernet LLMs: one checkpoint, a placement per request.")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -61,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
     generate.set_defaults(run=run_generate)
+
+    serve = commands.add_parser("serve", help="start a local Ray and serve the OpenAI-compatible API")
+    serve.add_argument("--config", type=Path, help="YAML configuration (default: the embedded small checkpoint)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.set_defaults(run=run_serve)
+
+    toolkit_cli.register(commands)  # profile, evaluate, fit, frontier
     return parser
 
 
@@ -110,6 +119,37 @@ def run_generate(args) -> int:
         else:
             print(f"[{request.placement.code}] {text}")
     return 0
+
+
+def run_serve(args) -> int:
+    import os
+    import time
+
+    from router.config import AppConfig, default_config
+
+    config = AppConfig.from_yaml(args.config) if args.config else default_config()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from router.app import build_app
+
+    app = build_app(config)  # resolves (and on first run makes) the checkpoint, checks presets
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name="supernet-router", route_prefix="/")
+    url = f"http://{args.host}:{args.port}"
+    print(f"supernet-router is serving at {url}  (Ctrl-C stops it)")
+    print("try a request with a latency budget:")
+    print(f"  curl -s {url}/v1/completions -H 'content-type: application/json' -H 'x-slo-ttft-ms: 500' \\\n"
+          f"    -d '{{\"model\": \"{config.presets[0].name if config.presets else 'default'}\", "
+          f"\"prompt\": \"def fibonacci(n):\", \"max_tokens\": 32, \"sla\": {{\"tpot_ms\": 100}}}}'")
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def read_requests(path: Path) -> list[dict]:

@@ -1,0 +1,271 @@
+"""Measure a speed table (policies/tables.py ``SpeedFile``) on this device.
+
+Every layer of the supernet has the same shapes, so one decoder layer is timed
+and stands for all of them:
+
+- decode: each mixer steps a group of ``batch`` rows whose caches already hold
+  ``context`` tokens, for every (batch, context) of the grid;
+- prefill: each mixer runs one chunk of ``prefill_chunk`` tokens of one
+  sequence whose cache holds ``context`` tokens (ms per token);
+- shared: the layer's MLP, both norms and residual adds on ``n`` tokens, and
+  the head (embedding lookup, final norm, lm_head) on ``n`` rows.
+
+Caches are filled cheaply: only their sizes matter for the time, so random
+keys, values, states and conv history are written straight into them (no
+prefill is run) and their lengths reset to ``context`` before every timed run.
+Each point is run ``warmup`` times untimed, then ``repeats`` times; the median
+is kept (CUDA events on a GPU, ``perf_counter`` on a CPU). Grids are stored as
+the running maximum along each axis: a longer context or a bigger batch never
+costs less, and on a busy CPU noise would otherwise break that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from policies.errors import ConfigError
+from policies.placement import MIXERS
+from policies.tables import Fingerprint, Measurement, MemoryEntry, SpeedFile, utc_now
+from workers.model.batch import Row, RowGroup
+from workers.model.config import SupernetConfig, parse_config, supernet_config_dict
+from workers.model.layers import DepthwiseConv
+from workers.model.loader import FP32_PARAMETERS, load_checkpoint, safetensors_files
+from workers.model.supernet import SupernetLM
+
+# Super Apriel 15B (shared/design/SUPERNET.md). max_position_embeddings is not
+# public; it only bounds nothing here (rotary angles are computed per position).
+SHAPES = {
+    "superapriel-15b": dict(
+        hidden_size=5120, vocab_size=131072, num_layers=48, intermediate_size=14336, heads=32, head_groups=8,
+        head_size=128, window_size=4096, gdn_value_heads=32, gdn_key_heads=8, gdn_key_head_dim=128,
+        gdn_value_head_dim=128, kda_heads=32, kda_head_dim=128, conv_kernel=4, rotary_theta=1e9,
+        max_position_embeddings=32768,
+    ),
+}
+DEFAULT_GRIDS = {  # small on a CPU: the tiny checkpoint profiles in seconds
+    "cpu": dict(batches=(1, 2, 4, 8, 16), contexts=(64, 256, 1024, 4096), prefill_chunk=64),
+    "cuda": dict(batches=(1, 2, 4, 8, 16, 32, 64), contexts=(1024, 4096, 16384, 32768), prefill_chunk=2048),
+}
+CACHE_FILL = "random keys/values/states written into the caches, lengths reset to the context before each run"
+
+
+class ProfileTarget:
+    """The model to time plus what the table's fingerprint says about it."""
+
+    def __init__(self, model: SupernetLM, name: str, model_sha256: str, config: SupernetConfig):
+        self.model, self.name, self.model_sha256, self.config = model, name, model_sha256, config
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available on this machine")
+    if not name.startswith(("cpu", "cuda")):
+        raise ConfigError(f"--device {name!r}: expected cpu, cuda or auto")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--dtype {name!r}: expected float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
+def checkpoint_sha256(directory: Path) -> str:
+    """sha256 of config.json plus weight file names and sizes (hashing tens of GB of weights would take minutes)."""
+    digest = hashlib.sha256((directory / "config.json").read_bytes())
+    for file in safetensors_files(directory):
+        digest.update(f"{file.name}:{file.stat().st_size if file.exists() else -1}".encode())
+    return digest.hexdigest()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu} ({torch.get_num_threads()} threads)"
+
+
+def software() -> str:
+    try:
+        ours = metadata.version("supernet-router")
+    except metadata.PackageNotFoundError:
+        ours = "unknown"
+    return f"supernet-router {ours}, torch {torch.__version__}"
+
+
+def load_target(checkpoint: Path | None, shape: str | None, device: torch.device, dtype: torch.dtype) -> ProfileTarget:
+    if checkpoint is not None:
+        model = load_checkpoint(checkpoint, device=device, dtype=dtype)
+        first = model.config.layers[0].mixers
+        for i, layer in enumerate(model.config.layers):
+            if layer.mixers != first:
+                raise ConfigError(f"{checkpoint}: layer {i} has other mixer shapes than layer 0; the profiler "
+                                  "times one layer for all and needs every layer alike")
+        return ProfileTarget(model, Path(checkpoint).name, checkpoint_sha256(Path(checkpoint)), model.config)
+    if shape not in SHAPES:
+        raise ConfigError(f"--shape {shape!r} is unknown: known are {', '.join(SHAPES)}")
+    if device.type != "cuda":
+        raise ConfigError(f"--shape {shape} builds a random-weight model on a GPU, and this run has no CUDA "
+                          "device: profile a --checkpoint on the CPU instead")
+    raw = supernet_config_dict(**SHAPES[shape])
+    # One layer stands for all (see the module docstring): 48 random layers would hold ~49 GB never timed.
+    with torch.device(device):
+        model = SupernetLM(parse_config(supernet_config_dict(**{**SHAPES[shape], "num_layers": 1})))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, DepthwiseConv):  # the only weight left uninitialised by its constructor
+                module.weight.uniform_(-0.5, 0.5)
+        model.to(dtype)
+        for name, parameter in model.named_parameters():
+            if name.endswith(FP32_PARAMETERS):
+                parameter.data = parameter.data.float()
+    model.reset_buffers()
+    from workers.model.kernels import select_kernels
+
+    model.use_kernels(select_kernels(model.device))
+    digest = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+    return ProfileTarget(model.eval(), f"shape:{shape}", digest, parse_config(raw))
+
+
+class Timer:
+    """Median ms of ``repeats`` timed runs after ``warmup`` untimed ones; ``reset`` runs untimed before each."""
+
+    def __init__(self, device: torch.device, warmup: int, repeats: int):
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+
+    def __call__(self, run: Callable[[], object], reset: Callable[[], None] = lambda: None) -> float:
+        for _ in range(self.warmup):
+            reset()
+            run()
+        times = []
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(self.repeats):
+            reset()
+            if cuda:
+                start.record()
+                run()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                run()
+                times.append((time.perf_counter() - begin) * 1e3)
+        return statistics.median(times)
+
+
+def _filled_caches(mixer, rows: int, context: int, extra: int, model: SupernetLM) -> tuple[list, Callable[[], None]]:
+    """``rows`` caches holding ``context`` random tokens' worth, and a reset back to that length."""
+    caches = [mixer.new_cache(context + extra, model.dtype, model.device) for _ in range(rows)]
+    for cache in caches:
+        for name in ("keys", "values"):
+            if hasattr(cache, name):
+                getattr(cache, name).normal_()
+        if hasattr(cache, "state"):
+            cache.state.normal_().mul_(0.01)
+            for history in cache.conv:
+                history.normal_()
+
+    def reset() -> None:
+        for cache in caches:
+            if hasattr(cache, "length"):
+                cache.length = context
+
+    reset()
+    return caches, reset
+
+
+def _mixer_run(mixer, model: SupernetLM, rows: int, tokens: int, context: int):
+    """A closure running ``mixer`` on ``rows`` rows of ``tokens`` new tokens after ``context`` cached ones."""
+    caches, reset = _filled_caches(mixer, rows, context, tokens, model)
+    group = RowGroup([Row(i * tokens, tokens, context) for i in range(rows)], caches,
+                     torch.arange(context, context + tokens, device=model.device).repeat(rows), None)
+    x = torch.randn(rows * tokens, model.config.hidden_size, dtype=model.dtype, device=model.device)
+    return (lambda: mixer(x, group)), reset
+
+
+@torch.inference_mode()
+def profile(target: ProfileTarget, batches: Sequence[int], contexts: Sequence[int], prefill_chunk: int,
+            warmup: int = 2, repeats: int = 5, device_label: str | None = None, progress: bool | None = None) -> SpeedFile:
+    model, config = target.model, target.config
+    block = model.blocks[0]
+    mixers = [m for m in MIXERS if m in block.by_kind]
+    prefill_contexts = sorted({0, *contexts})
+    tokens = sorted({1, *batches, prefill_chunk})
+    timer = Timer(model.device, warmup, repeats)
+    total = len(mixers) * (len(batches) * len(contexts) + len(prefill_contexts)) + 2 * len(tokens)
+    bar = tqdm(total=total, desc=f"profile {target.name}", unit="point", disable=None if progress is None else not progress)
+    hidden = config.hidden_size
+
+    def timed(run, reset=lambda: None) -> float:
+        value = timer(run, reset)
+        bar.update()
+        return value
+
+    decode, prefill = {}, {}
+    for mixer in mixers:
+        module = block.by_kind[mixer]
+        decode[mixer.value] = [[timed(*_mixer_run(module, model, b, 1, c)) for c in contexts] for b in batches]
+        prefill[mixer.value] = [timed(*_mixer_run(module, model, 1, prefill_chunk, c)) / prefill_chunk
+                                for c in prefill_contexts]
+    shared, head = [], []
+    for n in tokens:
+        h = torch.randn(n, hidden, dtype=model.dtype, device=model.device)
+        ids = torch.randint(0, config.vocab_size, (n,), device=model.device)
+
+        def layer(h=h):
+            mixed = h + block.input_layernorm(h)  # the mixer's own time is in decode/prefill
+            return mixed + block.mlp(block.post_attention_layernorm(mixed))
+
+        def logits(h=h, ids=ids):
+            model.model.embed_tokens(ids)
+            return model.model.norm(h) @ model.head_weight.t()
+
+        shared.append(timed(layer))
+        head.append(timed(logits))
+    bar.close()
+    def monotone(values, axes: int) -> list:
+        grid = np.maximum.accumulate(np.maximum.accumulate(np.asarray(values), axis=0), axis=axes - 1)
+        return [float(f"{v:.6g}") for v in grid] if axes == 1 else [[float(f"{v:.6g}") for v in r] for r in grid]
+
+    element = torch.empty((), dtype=model.dtype).element_size()
+    fingerprint = Fingerprint(
+        device=device_label or device_name(model.device), model=target.name, model_sha256=target.model_sha256,
+        num_layers=config.num_layers, dtype=str(model.dtype).removeprefix("torch."), created=utc_now(),
+        software=software(),
+    )
+    return SpeedFile(
+        format="supernet-router/speed", version=1, fingerprint=fingerprint,
+        batches=list(batches), contexts=list(contexts),
+        decode_ms={m: monotone(g, 2) for m, g in decode.items()},
+        prefill_chunk=prefill_chunk, prefill_contexts=prefill_contexts,
+        prefill_ms_per_token={m: monotone(g, 1) for m, g in prefill.items()},
+        tokens=tokens, shared_ms=monotone(shared, 1), head_ms=monotone(head, 1),
+        memory=MemoryEntry.model_validate(config.memory_model(kv_bytes=element).to_dict()),
+        measurement=Measurement(warmup=warmup, repeats=repeats, cache_fill=CACHE_FILL, monotone=True),
+    )
