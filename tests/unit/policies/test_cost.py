@@ -11,7 +11,7 @@ from policies.published import REGRESSION_COST
 from policies.surrogate import ClusterExpansion
 from policies.tables import SpeedFile, parse_table
 
-from test_tables import LAYERS, speed_dict
+from tests.unit.policies.test_tables import LAYERS, speed_dict
 
 SPEED = SpeedModel.from_file(parse_table(speed_dict(), SpeedFile, "speed.json"))
 DATA = speed_dict()

@@ -1,0 +1,10 @@
+"""The generation engine: continuous batching of requests with their own placements over one model."""
+
+from workers.engine.async_engine import AsyncEngine, RequestStream
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.engine.request import Request, TokenEvent
+from workers.engine.stats import EngineStats, SequenceStats, StepRecord
+
+__all__ = ["AsyncEngine", "Engine", "EngineConfig", "EngineStats", "Request", "RequestStream", "SequenceStats",
+           "StepRecord", "TokenEvent"]

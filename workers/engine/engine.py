@@ -1,0 +1,210 @@
+"""The synchronous engine: submit requests, call ``step()``, get token events. Continuous batching.
+
+``add_request`` and ``abort`` may be called from any thread: they check the
+request and queue an operation under a lock; ``step()`` (one thread at a time)
+takes the queued operations, admits what fits, runs one forward for every
+running row and turns sampled tokens into events. Everything else is touched by
+the stepping thread only. ``AsyncEngine`` runs ``step()`` in its own thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+
+from policies.errors import ConfigError, InvalidRequest
+from workers.engine.admission import AdmissionCheck
+from workers.engine.config import EngineConfig
+from workers.engine.detokenizer import Decoder, Detokenizer
+from workers.engine.request import Request, TokenEvent
+from workers.engine.runner import ModelRunner
+from workers.engine.scheduler import Scheduler
+from workers.engine.sequence import Sequence, Status
+from workers.engine.stats import EngineStats, SequenceStats, StepRecord
+from workers.model.supernet import SupernetLM
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, model: SupernetLM, config: EngineConfig | None = None, tokenizer: Decoder | None = None):
+        self.model = model
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(model)
+        self.memory = model.config.memory_model(kv_bytes=self.runner.kv_bytes)
+        budget = self.config.cache_budget_bytes
+        if budget is None:
+            free = self.runner.free_device_bytes()
+            if free is None:
+                raise ConfigError("cache_budget_bytes must be set for an engine on the CPU (on CUDA it defaults "
+                                  "to gpu_memory_fraction of the memory free after loading the weights)")
+            budget = int(free * self.config.gpu_memory_fraction)
+        self.scheduler = Scheduler(budget, self.config.max_prefill_tokens, self.config.max_running)
+        self.admission = AdmissionCheck(model, self.memory, budget, has_tokenizer=tokenizer is not None)
+        self._lock = threading.Lock()  # guards the three fields below
+        self._inbox: list[tuple[str, Sequence]] = []  # ("add" | "abort", sequence), in call order
+        self._active: dict[str, Sequence] = {}  # submitted and not finished
+        self._num_submitted = 0  # arrival index of the next request
+        self._steps: deque[StepRecord] = deque(maxlen=self.config.step_history)
+        self._num_steps = 0
+        self._snapshot = self._make_stats()
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.scheduler.budget_bytes
+
+    # ---- submission (any thread) ----
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request for the next step; raise InvalidRequest/ContextTooLong if it can never run."""
+        cache_bytes = self.admission.check(request)
+        detokenizer = Detokenizer(self.tokenizer, request.stop_strings)
+        with self._lock:
+            if request.request_id in self._active:
+                raise InvalidRequest(f"request id {request.request_id!r} is already in use")
+            sequence = Sequence(request, self._num_submitted, cache_bytes, detokenizer)
+            self._num_submitted += 1
+            self._active[request.request_id] = sequence
+            self._inbox.append(("add", sequence))
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; its cache is freed at the next step, which emits its "abort" event.
+
+        Returns False for an id that is unknown or already finished (nothing to do).
+        """
+        with self._lock:
+            sequence = self._active.get(request_id)
+            if sequence is not None:
+                self._inbox.append(("abort", sequence))
+            return sequence is not None
+
+    def has_work(self) -> bool:
+        with self._lock:
+            pending = bool(self._inbox)
+        return pending or self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        """The snapshot taken after the last step, plus requests submitted since (cheap: no torch)."""
+        snapshot = self._snapshot
+        with self._lock:
+            pending = [s for op, s in self._inbox if op == "add"]
+        if not pending:
+            return snapshot
+        return dataclasses.replace(snapshot, waiting=snapshot.waiting + tuple(map(_sequence_stats, pending)))
+
+    # ---- stepping (one thread) ----
+
+    def step(self) -> list[TokenEvent]:
+        """Admit what fits, run one forward over all running rows, return the events it produced."""
+        started = time.perf_counter()
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        events = []
+        for op, sequence in inbox:
+            if op == "add":
+                self.scheduler.add(sequence)
+            elif sequence.status is not Status.FINISHED:
+                events.append(self._finish(sequence, "abort"))
+        for sequence in self.scheduler.admit():
+            try:
+                self.runner.allocate(sequence)
+            except Exception as exc:  # e.g. a device allocation failure: end this stream, keep serving
+                log.exception("allocating the cache of %s failed", sequence.request_id)
+                events.append(self._finish(sequence, "error", f"cache allocation failed: {exc!r}"))
+        batch = self.scheduler.schedule()
+        if batch.num_rows:
+            try:
+                tokens = self.runner.run(batch)
+            except Exception as exc:  # the rows' caches are now unusable: end exactly those streams
+                log.exception("model step over %d rows failed", batch.num_rows)
+                events += [self._finish(s, "error", f"model step failed: {exc!r}") for s in batch.sequences]
+                tokens = []
+            else:
+                self.scheduler.postprocess(batch, tokens)
+                events += [self._on_token(s, t) for s, t in zip(batch.sequences, tokens) if t is not None]
+            seconds = time.perf_counter() - started
+            self._steps.append(StepRecord(batch.num_rows, batch.num_decode_rows, batch.num_prefill_tokens,
+                                          sum(t is not None for t in tokens), seconds, time.monotonic()))
+            self._num_steps += 1
+            log.debug("step %d: %d rows (%d decode, %d prefill tokens) in %.2f ms", self._num_steps,
+                      batch.num_rows, batch.num_decode_rows, batch.num_prefill_tokens, seconds * 1e3)
+        self._snapshot = self._make_stats()
+        if self.config.check_invariants:
+            self.check_invariants()
+        return events
+
+    def run_until_idle(self, max_steps: int | None = None) -> list[TokenEvent]:
+        """Step until nothing is waiting or running; all events, in order."""
+        events, steps = [], 0
+        while self.has_work() and (max_steps is None or steps < max_steps):
+            events += self.step()
+            steps += 1
+        return events
+
+    def check_invariants(self) -> None:
+        """Bookkeeping checks for tests (call between steps, from the stepping thread)."""
+        self.scheduler.check_invariants()
+        with self._lock:
+            active = set(self._active)
+            pending = {s.request_id for op, s in self._inbox if op == "add"}
+        queued = {s.request_id for s in self.scheduler.waiting} | {s.request_id for s in self.scheduler.running}
+        assert active == queued | pending, f"active requests {active} != queued {queued} + pending {pending}"
+        for s in self.scheduler.running:
+            assert s.cache is not None, f"{s} runs without a cache"
+            assert s.cache.length == s.num_computed, f"{s}: cache holds {s.cache.length} tokens"
+            held = s.cache.nbytes()
+            assert held == s.cache_bytes, f"{s}: cache holds {held} bytes, reserved {s.cache_bytes}"
+        stats = self._snapshot
+        assert stats.cache_used_bytes == self.scheduler.used_bytes <= stats.cache_budget_bytes
+
+    # ---- internals ----
+
+    def _on_token(self, sequence: Sequence, token: int) -> TokenEvent:
+        """Text and finish reason for a sampled token; ends the sequence when it is done."""
+        rid, params = sequence.request_id, sequence.request.params
+        try:
+            text, stopped = sequence.detokenizer.add(token)
+            eos = sequence.request.eos_token_id
+            eos = self.model.config.eos_token_id if eos is None else eos
+            reason = None
+            if stopped or (token == eos and not params.ignore_eos):
+                reason = "stop"
+            elif len(sequence.output_ids) >= params.max_tokens:
+                reason = "length"
+            if reason is not None and not stopped:
+                rest, stopped = sequence.detokenizer.flush()
+                text += rest
+                reason = "stop" if stopped else reason
+        except Exception as exc:  # a tokenizer failure ends this stream only
+            log.exception("post-processing a token of %s failed", rid)
+            return self._finish(sequence, "error", f"detokenizing failed: {exc!r}")
+        if reason is not None:
+            self._finish(sequence, reason)
+        return TokenEvent(rid, token, text, reason)
+
+    def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> TokenEvent:
+        self.scheduler.finish(sequence)
+        sequence.finish_reason = reason
+        with self._lock:
+            self._active.pop(sequence.request_id, None)
+        return TokenEvent(sequence.request_id, None, "", reason, error)
+
+    def _make_stats(self) -> EngineStats:
+        return EngineStats(
+            waiting=tuple(map(_sequence_stats, self.scheduler.waiting)),
+            running=tuple(map(_sequence_stats, self.scheduler.running)),
+            cache_budget_bytes=self.scheduler.budget_bytes,
+            cache_used_bytes=self.scheduler.used_bytes,
+            recent_steps=tuple(self._steps),
+            num_steps=self._num_steps,
+            taken_at=time.monotonic(),
+        )
+
+
+def _sequence_stats(s: Sequence) -> SequenceStats:
+    return SequenceStats(s.request.placement.code, s.num_prompt_tokens, len(s.output_ids),
+                         s.request.params.max_tokens, s.cache_bytes, max(s.num_prompt_tokens - s.num_computed, 0))
