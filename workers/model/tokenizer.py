@@ -18,6 +18,12 @@ from policies.errors import CheckpointError
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0..3: bos 1 and eos 2, as the Apriel2 config defaults
 
+# For checkpoints whose tokenizer_config.json has no chat_template (and written into the small ones).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}### {{ message['role'] | capitalize }}:\n{{ message['content'] }}\n\n"
+    "{% endfor %}{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
 
 class Tokenizer:
     def __init__(self, tokenizer: _HFTokenizer, config: dict):
@@ -55,6 +61,29 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """The prompt text for a conversation, ending where the assistant's reply starts (as HF renders it)."""
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        source = self.config.get("chat_template") or DEFAULT_CHAT_TEMPLATE
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        template = environment.from_string(source)
+        special = {k: self._token_text(k) for k in ("bos_token", "eos_token")}
+        return template.render(messages=messages, add_generation_prompt=True, **special)
+
+    def _token_text(self, key: str) -> str:
+        token = self.config.get(key) or ""
+        return token.get("content", "") if isinstance(token, dict) else token
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids for a conversation; a BOS the template already wrote is not added twice."""
+        text = self.apply_chat_template(messages)
+        ids = self.encode(text)
+        bos = self._token_text("bos_token")
+        if bos and text.startswith(bos) and len(ids) > 1 and ids[0] == ids[1] == self.bos_token_id:
+            ids = ids[1:]
+        return ids
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -103,5 +132,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         "pad_token": "<pad>",
         "add_bos_token": True,
         "model_max_length": 4096,
+        "chat_template": DEFAULT_CHAT_TEMPLATE,
     }
     return Tokenizer(tokenizer, config)

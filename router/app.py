@@ -1,0 +1,41 @@
+"""Build the Ray Serve application from one configuration: an ingress and a worker deployment."""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+
+from router.config import AppConfig, resolve_checkpoint
+from router.ingress import Ingress
+from workers.deployment import WorkerServer, WorkerSpec
+from workers.model.config import load_config
+
+
+def build_app(config: AppConfig) -> Application:
+    checkpoint = str(resolve_checkpoint(config).resolve())
+    model = load_config(checkpoint)
+    for preset in config.presets:  # a bad preset fails here, before anything starts
+        model.placement(preset.placement)
+    worker = config.worker
+    spec = WorkerSpec(checkpoint=checkpoint, device=config.model.device, dtype=config.model.dtype,
+                      num_threads=max(1, int(worker.num_cpus)), cache_budget_bytes=worker.cache_budget_bytes,
+                      gpu_memory_fraction=worker.gpu_memory_fraction, max_prefill_tokens=worker.max_prefill_tokens,
+                      max_running=worker.max_running)
+    worker_deployment = serve.deployment(WorkerServer, name="SupernetWorker").options(
+        num_replicas=worker.num_replicas,
+        ray_actor_options={"num_cpus": worker.num_cpus, "num_gpus": worker.num_gpus},
+        max_ongoing_requests=worker.max_ongoing_requests,
+        max_queued_requests=worker.max_queued_requests,
+        health_check_period_s=10,
+    )
+    ingress = Ingress.options(num_replicas=config.ingress.num_replicas)
+    return ingress.bind(worker_deployment.bind(spec), config.model_dump(), checkpoint)
+
+
+def app_builder(args: dict) -> Application:
+    """Serve config entry point (``import_path: router.app:app_builder``): ``args`` is an AppConfig mapping.
+
+    This is how the Helm chart's RayService starts the application; the same
+    schema as ``supernet-router serve --config``.
+    """
+    return build_app(AppConfig.from_dict(args, source="serve config args"))

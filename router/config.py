@@ -1,0 +1,131 @@
+"""The application's one configuration: a YAML file, validated at load. Helm values map to it key for key.
+
+``supernet-router serve --config FILE`` reads it; with no file the embedded
+default serves the small CPU checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from policies.errors import ConfigError
+
+DEFAULT_HOME = Path(os.environ.get("SUPERNET_ROUTER_HOME", Path.home() / ".cache" / "supernet-router"))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSettings(_Strict):
+    checkpoint: str | None = Field(None, description="Checkpoint folder (HF layout). None: the embedded small "
+                                                     "checkpoint, made on first run under SUPERNET_ROUTER_HOME.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where workers run the model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and KV dtype; auto: float32 on CPU, bfloat16 on CUDA.")
+    max_context_tokens: int | None = Field(None, gt=0, description="Prompt + max_tokens limit; None: the "
+                                                                   "checkpoint's max_position_embeddings.")
+
+
+class PresetSettings(_Strict):
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$", description="Preset name, "
+                      "as clients ask for it (also a model id in /v1/models).")
+    placement: str = Field(..., description="Placement code, one letter per layer (A, S, G, K).")
+    quality: float | None = Field(None, description="Predicted quality retention vs all-attention (0..1), "
+                                                    "from the quality surrogate.")
+    description: str = Field("", description="What the preset is for.")
+
+
+class WorkerSettings(_Strict):
+    num_replicas: int = Field(1, ge=1, description="Worker replicas (each holds the whole checkpoint).")
+    num_cpus: float = Field(1, ge=0, description="CPUs per worker replica.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per worker replica.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica runs at once (Ray Serve).")
+    max_queued_requests: int = Field(64, ge=0, description="Requests queued at the handle before fast 429s.")
+    cache_budget_bytes: int | None = Field(256 * 2**20, gt=0, description="Bytes all sequence caches may hold; "
+                                           "None on CUDA: gpu_memory_fraction of free memory after weights.")
+    gpu_memory_fraction: float = Field(0.8, gt=0, le=1, description="Share of free GPU memory for caches.")
+    max_prefill_tokens: int = Field(256, ge=1, description="Prompt tokens per step; longer prompts are chunked.")
+    max_running: int = Field(64, ge=1, description="Rows one step may run.")
+
+
+class IngressSettings(_Strict):
+    num_replicas: int = Field(1, ge=1, description="Ingress (HTTP) replicas.")
+    max_body_bytes: int = Field(1 * 2**20, ge=1024, description="Largest request body accepted (413 beyond).")
+    max_tokens_default: int = Field(128, ge=1, description="max_tokens when a request gives none.")
+    api_keys_file: str | None = Field(None, description="File with one API key per line; keys enable auth.")
+    api_keys_env: str = Field("SUPERNET_ROUTER_API_KEYS", description="Environment variable with "
+                              "comma-separated API keys (a Kubernetes Secret in the chart).")
+    log_prompts: bool = Field(False, description="Log prompt text (off: only ids, sizes and timings).")
+    model_name: str | None = Field(None, description="Model id served at /v1/models; default: the folder name.")
+
+
+class RoutingSettings(_Strict):
+    default_preset: str | None = Field(None, description="Preset for requests that force none; default: the "
+                                                         "first preset.")
+
+
+class AppConfig(_Strict):
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    presets: list[PresetSettings] = Field(default_factory=list, description="Placements served by name.")
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    ingress: IngressSettings = Field(default_factory=IngressSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+
+    @model_validator(mode="after")
+    def _presets_consistent(self) -> "AppConfig":
+        names = [p.name for p in self.presets]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"preset names must be unique, repeated: {', '.join(duplicates)}")
+        if self.routing.default_preset is not None and self.routing.default_preset not in names:
+            raise ValueError(f"routing.default_preset {self.routing.default_preset!r} is not one of the presets "
+                             f"({', '.join(names) or 'none configured'})")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "AppConfig":
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "AppConfig":
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+
+
+def default_config() -> AppConfig:
+    """The embedded default: the small checkpoint on one CPU worker, with presets from all-attention to all-GDN."""
+    return AppConfig(presets=[
+        PresetSettings(name="quality", placement="AAAAAA", description="all attention: the reference quality"),
+        PresetSettings(name="balanced", placement="ASASGK", description="attention and sliding window first"),
+        PresetSettings(name="fast", placement="SGKGKG", description="mostly linear-time mixers"),
+        PresetSettings(name="fastest", placement="GGGGGG", description="all Gated DeltaNet: constant memory"),
+    ])
+
+
+def resolve_checkpoint(config: AppConfig) -> Path:
+    """The checkpoint folder to serve; the embedded default is made on first use."""
+    if config.model.checkpoint is not None:
+        return Path(config.model.checkpoint)
+    path = DEFAULT_HOME / "checkpoints" / "tiny-6"
+    if not (path / "config.json").exists():
+        from workers.model.tiny import make_tiny_checkpoint
+
+        make_tiny_checkpoint(path, num_layers=6, seed=0)
+    return path

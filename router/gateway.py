@@ -1,0 +1,172 @@
+"""The ingress's request logic, free of HTTP framing: validate, tokenize, choose a placement, call a worker.
+
+``ingress.py`` maps HTTP onto it; tests and benchmarks can drive it directly.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from policies.errors import InvalidPlacement
+from policies.placement import Placement
+from router.api_models import ChatCompletionRequest, CompletionRequest, Routing, Sla
+from router.config import AppConfig
+from router.errors import ApiError
+from workers.model.config import load_config
+from workers.model.tokenizer import Tokenizer
+
+log = logging.getLogger("supernet_router.requests")
+
+SLA_HEADERS = {"x-slo-ttft-ms": "ttft_ms", "x-slo-tpot-ms": "tpot_ms", "x-deadline-ms": "deadline_ms"}
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A validated request, ready for a worker."""
+
+    request_id: str
+    prompt_ids: list[int]
+    placement: Placement
+    routing: Routing
+    params: dict
+    model: str
+    started: float
+
+
+def load_api_keys(config: AppConfig) -> frozenset[str]:
+    keys = {k.strip() for k in os.environ.get(config.ingress.api_keys_env, "").split(",") if k.strip()}
+    if config.ingress.api_keys_file:
+        keys |= {line.strip() for line in Path(config.ingress.api_keys_file).read_text().splitlines()
+                 if line.strip() and not line.startswith("#")}
+    return frozenset(keys)
+
+
+class Gateway:
+    def __init__(self, config: AppConfig, checkpoint: str):
+        self.config = config
+        self.tokenizer = Tokenizer.load(checkpoint)
+        model_config = load_config(checkpoint)
+        self.num_layers = model_config.num_layers
+        self.max_context = config.model.max_context_tokens or model_config.max_position_embeddings
+        self.model_id = config.ingress.model_name or Path(checkpoint).name
+        self.presets = {p.name: p for p in config.presets}
+        self.placements = {name: model_config.placement(p.placement) for name, p in self.presets.items()}
+        self.default_preset = config.routing.default_preset or (config.presets[0].name if config.presets else None)
+        self.api_keys = load_api_keys(config)
+
+    # ---- access ----
+
+    def authorize(self, authorization: str | None) -> None:
+        if not self.api_keys:
+            return
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in self.api_keys):
+            raise ApiError(401, "invalid_api_key", "a valid API key is required: Authorization: Bearer <key>",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def models(self) -> dict:
+        created = 0
+        data = [{"id": self.model_id, "object": "model", "created": created, "owned_by": "supernet-router"}]
+        for name, preset in self.presets.items():
+            data.append({"id": name, "object": "model", "created": created, "owned_by": "supernet-router",
+                         "parent": self.model_id, "placement": self.placements[name].code,
+                         "quality": preset.quality, "description": preset.description})
+        return {"object": "list", "data": data}
+
+    # ---- requests ----
+
+    def prepare(self, body: CompletionRequest | ChatCompletionRequest, headers: dict[str, str]) -> Prepared:
+        started = time.monotonic()
+        sla = self._sla(body.sla, headers)
+        if isinstance(body, ChatCompletionRequest):
+            prompt_ids = self.tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
+        elif isinstance(body.prompt, list):
+            prompt_ids = list(body.prompt)
+            if any(t < 0 or t >= self.tokenizer.vocab_size for t in prompt_ids):
+                raise ApiError(400, "invalid_request", f"token ids must be in [0, {self.tokenizer.vocab_size})",
+                               "prompt")
+        else:
+            prompt_ids = self.tokenizer.encode(body.prompt)
+        max_tokens = body.max_tokens or self.config.ingress.max_tokens_default
+        if len(prompt_ids) + max_tokens > self.max_context:
+            raise ApiError(413, "context_too_long",
+                           f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                           f"context of {self.max_context} tokens: shorten the prompt or lower max_tokens",
+                           "max_tokens" if max_tokens > self.max_context // 2 else "prompt")
+        placement, routing = self.choose(body, sla)
+        params = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                  "top_k": body.top_k, "seed": body.seed, "stop": list(body.stop or [])}
+        return Prepared(uuid.uuid4().hex, prompt_ids, placement, routing, params, body.model, started)
+
+    def _sla(self, sla: Sla | None, headers: dict[str, str]) -> Sla | None:
+        values = sla.model_dump() if sla else {}
+        for header, field in SLA_HEADERS.items():
+            raw = headers.get(header)
+            if raw is None or values.get(field) is not None:
+                continue  # the body wins over headers
+            try:
+                value = float(raw)
+            except ValueError:
+                value = -1.0
+            if not value > 0:
+                raise ApiError(400, "invalid_request", f"header {header} must be a positive number of "
+                                                       f"milliseconds, got {raw!r}", header)
+            values[field] = value
+        return Sla(**values) if any(v is not None for v in values.values()) else None
+
+    def choose(self, body, sla: Sla | None) -> tuple[Placement, Routing]:
+        """The forced placement or preset, else the default preset (the SLA-aware policy replaces this)."""
+        if body.model != self.model_id and body.model not in self.presets:
+            raise ApiError(404, "model_not_found", f"unknown model {body.model!r}: use {self.model_id!r} or a "
+                                                   f"preset ({', '.join(self.presets) or 'none'})", "model")
+        if body.placement is not None:
+            try:
+                placement = Placement.parse(body.placement, self.num_layers)
+            except InvalidPlacement as exc:
+                raise ApiError(400, "invalid_placement", exc.message, "placement") from None
+            name = next((n for n, p in self.placements.items() if p == placement), None)
+            return placement, self._routing(name, placement, "placement forced by the request")
+        name = body.preset or (body.model if body.model in self.presets else None)
+        if name is not None:
+            if name not in self.presets:
+                raise ApiError(404, "unknown_preset", f"unknown preset {name!r}: use one of "
+                                                      f"{', '.join(self.presets) or 'none configured'}", "preset")
+            return self.placements[name], self._routing(name, self.placements[name], "preset forced by the request")
+        if self.default_preset is None:
+            raise ApiError(400, "invalid_request", "no presets are configured: give a placement", "placement")
+        return self.placements[self.default_preset], self._routing(self.default_preset,
+                                                                   self.placements[self.default_preset],
+                                                                   "default preset")
+
+    def _routing(self, name: str | None, placement: Placement, reason: str) -> Routing:
+        quality = self.presets[name].quality if name is not None else None
+        return Routing(preset=name, placement=placement.code, predicted_quality=quality, reason=reason)
+
+    def worker_request(self, prepared: Prepared) -> dict:
+        return {"request_id": prepared.request_id, "prompt_ids": prepared.prompt_ids,
+                "placement": prepared.placement.code, "params": prepared.params}
+
+    def log_done(self, prepared: Prepared, completion_tokens: int, finish_reason: str | None,
+                 prompt_text: str | None = None) -> None:
+        elapsed_ms = 1000 * (time.monotonic() - prepared.started)
+        extra = f" prompt={prompt_text!r}" if self.config.ingress.log_prompts and prompt_text is not None else ""
+        log.info("request %s preset=%s placement=%s prompt_tokens=%d completion_tokens=%d finish=%s ms=%.1f%s",
+                 prepared.request_id, prepared.routing.preset, prepared.placement.code, len(prepared.prompt_ids),
+                 completion_tokens, finish_reason, elapsed_ms, extra)
+
+
+async def first_and_rest(stream: AsyncIterator):
+    """Await the first item (so admission errors surface before any response is sent), then the rest."""
+    iterator = stream.__aiter__()
+    try:
+        first = await iterator.__anext__()
+    except StopAsyncIteration:
+        first = None
+    return first, iterator

@@ -1,0 +1,55 @@
+"""One local Ray + Serve for the whole e2e run (RAY_AUTH_MODE=disabled), with three applications:
+the default one, one with API keys, and one with tiny queues for the overload path."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import httpx
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PRESETS = [
+    {"name": "quality", "placement": "AAAAAA", "quality": 1.0},
+    {"name": "balanced", "placement": "ASASGK", "quality": 0.9},
+    {"name": "fast", "placement": "SGKGKG", "quality": 0.8},
+    {"name": "fastest", "placement": "GGGGGG", "quality": 0.7},
+]
+
+
+@pytest.fixture(scope="session")
+def serve_url(tiny_checkpoint, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from router.app import build_app
+    from router.config import AppConfig
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = {"model": {"checkpoint": str(tiny_checkpoint)}, "presets": PRESETS,
+            "worker": {"cache_budget_bytes": 64 * 2**20, "max_ongoing_requests": 64, "max_queued_requests": 64},
+            "ingress": {"max_body_bytes": 64 * 1024}}
+    serve.run(build_app(AppConfig.from_dict(base)), name="main", route_prefix="/")
+    keys = tmp_path_factory.mktemp("keys") / "keys.txt"
+    keys.write_text("# one key per line\nsecret-key-1\n")
+    secured = {**base, "ingress": {"api_keys_file": str(keys)}}
+    serve.run(build_app(AppConfig.from_dict(secured)), name="secured", route_prefix="/secured")
+    small = {**base, "worker": {"cache_budget_bytes": 64 * 2**20, "max_ongoing_requests": 1,
+                                "max_queued_requests": 1, "max_running": 1}}
+    serve.run(build_app(AppConfig.from_dict(small)), name="small", route_prefix="/small")
+    url = f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{url}/health", timeout=30).status_code == 200
+    yield url
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,100 @@
+"""The Ray Serve worker: one replica holds one model and its engine, and streams tokens for any placement.
+
+A thin shim (Ray Serve LLM's ``LLMServer`` pattern): the engine is built by an
+injected factory, requests and events cross the actor boundary as plain dicts,
+and errors as the project's own (picklable) exceptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+
+from policies.errors import EngineFailure
+from policies.placement import Placement
+from workers.engine import AsyncEngine, Engine, EngineConfig, Request
+from workers.model.loader import load_checkpoint
+from workers.model.tokenizer import Tokenizer
+from workers.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Everything a replica needs to build its engine (plain values: it is pickled to the replica)."""
+
+    checkpoint: str
+    device: str = "auto"
+    dtype: str = "auto"
+    num_threads: int = 1
+    cache_budget_bytes: int | None = None
+    gpu_memory_fraction: float = 0.8
+    max_prefill_tokens: int = 256
+    max_running: int = 64
+
+
+def build_engine(spec: WorkerSpec) -> Engine:
+    """Load the checkpoint on the spec's device and wrap it in an engine."""
+    if spec.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(spec.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, spec.num_threads))
+    if spec.dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = getattr(torch, spec.dtype)
+    model = load_checkpoint(spec.checkpoint, device=device, dtype=dtype)
+    config = EngineConfig(cache_budget_bytes=spec.cache_budget_bytes, gpu_memory_fraction=spec.gpu_memory_fraction,
+                          max_prefill_tokens=spec.max_prefill_tokens, max_running=spec.max_running)
+    return Engine(model, config, Tokenizer.load(spec.checkpoint))
+
+
+def request_from_dict(data: dict, num_layers: int) -> Request:
+    params = data.get("params", {})
+    return Request(
+        prompt_ids=tuple(data["prompt_ids"]),
+        placement=Placement.parse(data["placement"], num_layers),
+        params=SamplingParams(
+            max_tokens=params.get("max_tokens", 16), temperature=params.get("temperature", 0.0),
+            top_p=params.get("top_p", 1.0), top_k=params.get("top_k", 0), seed=params.get("seed"),
+            stop=tuple(params.get("stop", ())), ignore_eos=params.get("ignore_eos", False),
+        ),
+        request_id=data["request_id"],
+    )
+
+
+class WorkerServer:
+    """A Serve replica's body; ``router/app.py`` turns it into a deployment."""
+
+    def __init__(self, spec: WorkerSpec, engine_factory: Callable[[WorkerSpec], Engine] = build_engine):
+        self.spec = spec
+        self.engine = AsyncEngine(engine_factory(spec))
+        self.num_layers = self.engine.engine.model.config.num_layers
+
+    async def generate(self, request: dict) -> AsyncIterator[dict]:
+        """Token events as dicts: {token_id, text, finish_reason}. A failure raises EngineFailure."""
+        self._ensure_started()
+        stream = self.engine.submit(request_from_dict(request, self.num_layers))
+        async for event in stream:
+            yield {"token_id": event.token_id, "text": event.text, "finish_reason": event.finish_reason}
+
+    async def stats(self) -> dict:
+        self._ensure_started()
+        return dataclasses.asdict(self.engine.stats())
+
+    async def check_health(self) -> None:
+        """Ray Serve calls this periodically; raising marks the replica unhealthy and replaces it."""
+        if self.engine.failure is not None:
+            raise EngineFailure(self.engine.failure)
+
+    def _ensure_started(self) -> None:
+        # Started lazily, from the replica's event loop, which is the loop that consumes the streams.
+        if not self.engine.started:
+            self.engine.start()
