@@ -1,0 +1,166 @@
+"""Choose a preset and a replica for each request from its budget, the replicas' load and its context length.
+
+SLA policy, in order:
+1. candidates: presets with quality >= min_quality (a forced preset: only it);
+2. predict queue wait, TTFT, TPOT and completion for every (preset, replica);
+3. keep pairs that meet every given budget with a safety margin and whose cache can ever fit;
+4. pick the highest predicted quality; ties go to the earliest predicted completion;
+5. nothing meets the budget: shed a sheddable request (``no-preset-meets-slo``), else serve the
+   fastest (earliest completion) pair and flag ``sla_at_risk``.
+No budget: the best quality, on the replica where it completes first.
+
+Baselines for benchmarks: ``fixed:<preset>``, ``round-robin`` and ``least-loaded`` (both on the
+default preset).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from policies.errors import ConfigError, InvalidRequest, UnknownPreset
+from policies.routing.predict import Predictor, WorkerView
+from policies.routing.types import Decision, Prediction, PresetInfo, RoutingRequest, WorkerState
+
+SHED_NO_PRESET = "no-preset-meets-slo"
+_EMPTY = WorkerState(replica_id="", cache_budget_bytes=2**62)
+
+
+class _Base:
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self.presets = predictor.presets
+        self.index = {p.name: i for i, p in enumerate(self.presets)}
+        self._views: dict[str, tuple[WorkerState, WorkerView]] = {}
+
+    def views(self, states: list[WorkerState]) -> list[WorkerView]:
+        """Per-snapshot work is cached: a replica's view is rebuilt only when its state object changes."""
+        out = []
+        for state in states or [_EMPTY]:
+            cached = self._views.get(state.replica_id)
+            if cached is None or cached[0] is not state:
+                cached = (state, self.predictor.view(state))
+                self._views[state.replica_id] = cached
+            out.append(cached[1])
+        return out
+
+    def _decision(self, p: int, w: int, views, arrays, reason: str, **flags) -> Decision:
+        preset = self.presets[p]
+        prediction = Prediction(float(arrays["queue_wait"][p, w]), float(arrays["ttft"][p, w]),
+                                float(arrays["tpot"][p, w]), float(arrays["completion"][p, w]), preset.quality)
+        replica = views[w].state.replica_id or None
+        return Decision(preset.name, preset.placement, replica, prediction, reason, **flags)
+
+    def _forced(self, request: RoutingRequest) -> int | None:
+        name = request.preset
+        if request.placement is not None:
+            name = next((p.name for p in self.presets if p.placement == request.placement), None)
+            if name is None:
+                return -1  # a placement that is no preset: served as is, without predictions
+        if name is None:
+            return None
+        if name not in self.index:
+            raise UnknownPreset(f"unknown preset {name!r}: use one of {', '.join(self.index)}")
+        return self.index[name]
+
+
+class SlaPolicy(_Base):
+    def __init__(self, predictor: Predictor, margin: float = 0.9):
+        super().__init__(predictor)
+        if not 0 < margin <= 1:
+            raise ConfigError(f"routing safety margin must be in (0, 1], got {margin}")
+        self.margin = margin
+
+    def decide(self, request: RoutingRequest, states: list[WorkerState]) -> Decision:
+        forced = self._forced(request)
+        views = self.views(states)
+        if forced == -1:
+            w = min(range(len(views)), key=lambda i: _load(views[i].state))
+            return Decision(None, request.placement, views[w].state.replica_id or None, None,
+                            "placement forced by the request")
+        arrays = self.predictor.predict(request, views)
+        allowed = np.ones(len(self.presets), dtype=bool)
+        if forced is not None:
+            allowed[:] = False
+            allowed[forced] = True
+        elif request.min_quality is not None:
+            allowed = self.predictor.quality >= request.min_quality
+            if not allowed.any():
+                best = max(p.quality for p in self.presets)
+                raise InvalidRequest(f"no preset reaches min_quality {request.min_quality} (the best "
+                                     f"predicts {best:.3f})")
+        usable = allowed[:, None] & arrays["fits"]
+        if not usable.any():
+            raise InvalidRequest("the request's cache (prompt + max_tokens) fits no replica under any allowed "
+                                 "preset: shorten it")
+        meets = usable & self._meets(request, arrays)
+        completion = np.where(usable, arrays["completion"], np.inf)
+        if not request.has_budget or meets.any():
+            pool = usable if not request.has_budget else meets
+            quality = np.where(pool, self.predictor.quality[:, None], -np.inf)
+            best = quality.max()
+            p, w = np.unravel_index(np.argmin(np.where(quality == best, completion, np.inf)), quality.shape)
+            reason = ("preset forced by the request" if forced is not None else
+                      "best quality that meets the budget" if request.has_budget else "no budget: best quality")
+            return self._decision(p, w, views, arrays, reason, sla_at_risk=bool(request.has_budget
+                                                                                 and not meets[p, w]))
+        p, w = np.unravel_index(np.argmin(completion), completion.shape)
+        if forced is not None:
+            return self._decision(p, w, views, arrays, "preset forced by the request; budget at risk",
+                                  sla_at_risk=True)
+        if request.sheddable:
+            return self._decision(p, w, views, arrays, SHED_NO_PRESET, shed=True, sla_at_risk=True)
+        return self._decision(p, w, views, arrays, "no preset meets the budget: fastest", sla_at_risk=True)
+
+    def _meets(self, request: RoutingRequest, arrays) -> np.ndarray:
+        ok = np.ones(arrays["ttft"].shape, dtype=bool)
+        for budget, key in ((request.ttft_ms, "ttft"), (request.tpot_ms, "tpot"), (request.deadline_ms, "completion")):
+            if budget is not None:
+                ok &= arrays[key] <= self.margin * budget
+        return ok
+
+
+class Baseline(_Base):
+    """A fixed preset on a replica chosen by round robin or least load (for benchmarks)."""
+
+    def __init__(self, predictor: Predictor, preset: str, replicas: str):
+        super().__init__(predictor)
+        if preset not in self.index:
+            raise ConfigError(f"baseline preset {preset!r} is not one of {', '.join(self.index)}")
+        if replicas not in ("round-robin", "least-loaded"):
+            raise ConfigError(f"unknown replica choice {replicas!r}")
+        self.preset, self.replicas = self.index[preset], replicas
+        self._turn = itertools.count()
+
+    def decide(self, request: RoutingRequest, states: list[WorkerState]) -> Decision:
+        views = self.views(states)
+        forced = self._forced(request)
+        p = self.preset if forced in (None, -1) else forced
+        if self.replicas == "round-robin":
+            w = next(self._turn) % len(views)
+        else:
+            w = min(range(len(views)), key=lambda i: _load(views[i].state))
+        arrays = self.predictor.predict(request, [views[w]])
+        return self._decision(p, 0, [views[w]], arrays, f"baseline {self.replicas}")
+
+
+def _load(state: WorkerState) -> tuple:
+    return (len(state.running) + state.waiting_requests + state.in_flight, state.cache_used_bytes)
+
+
+def build_policy(name: str, predictor: Predictor, default_preset: str | None = None, margin: float = 0.9):
+    """``sla`` | ``fixed:<preset>`` | ``round-robin`` | ``least-loaded`` (the last two on the default preset)."""
+    default = default_preset or max(predictor.presets, key=lambda p: p.quality).name
+    if name == "sla":
+        return SlaPolicy(predictor, margin)
+    if name.startswith("fixed:"):
+        return Baseline(predictor, name.split(":", 1)[1], "least-loaded")
+    if name in ("round-robin", "round_robin"):
+        return Baseline(predictor, default, "round-robin")
+    if name in ("least-loaded", "least_loaded"):
+        return Baseline(predictor, default, "least-loaded")
+    raise ConfigError(f"unknown routing policy {name!r}: use sla, fixed:<preset>, round-robin or least-loaded")
+
+
+__all__ = ["Baseline", "PresetInfo", "SHED_NO_PRESET", "SlaPolicy", "build_policy"]

@@ -1,0 +1,87 @@
+"""Plain values the routing decision reads and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from policies.placement import Placement
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingRequest:
+    """One request as the router sees it: sizes, budget and wishes. Budgets in ms; None: no limit."""
+
+    prompt_tokens: int
+    max_tokens: int
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    deadline_ms: float | None = None
+    min_quality: float | None = None
+    priority: int = 0  # negative: may be shed
+    preset: str | None = None  # forced preset
+    placement: Placement | None = None  # forced placement
+
+    @property
+    def has_budget(self) -> bool:
+        return self.ttft_ms is not None or self.tpot_ms is not None or self.deadline_ms is not None
+
+    @property
+    def sheddable(self) -> bool:
+        return self.priority < 0
+
+
+@dataclass(frozen=True, slots=True)
+class PresetInfo:
+    name: str
+    placement: Placement
+    quality: float  # predicted quality retention vs all-attention, 0..1
+
+
+@dataclass(frozen=True, slots=True)
+class RunningRow:
+    placement: Placement
+    context_tokens: int  # tokens in its cache now
+    remaining_tokens: int  # tokens it may still generate
+    cache_bytes: int  # what it has reserved (freed when it finishes)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """A replica's load at ``age_s`` seconds ago: its running rows, its queue and its cache memory."""
+
+    replica_id: str
+    running: tuple[RunningRow, ...] = ()
+    waiting_requests: int = 0
+    waiting_prompt_tokens: int = 0
+    waiting_cache_bytes: int = 0  # what the waiting requests will reserve before a new one is admitted
+    cache_budget_bytes: int = 0
+    cache_used_bytes: int = 0
+    calibration: float = 1.0  # measured / predicted step time, from recent steps
+    age_s: float = 0.0
+    in_flight: int = 0  # dispatched since the snapshot, not in it yet
+
+    @property
+    def cache_free_bytes(self) -> int:
+        return self.cache_budget_bytes - self.cache_used_bytes - self.waiting_cache_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    queue_wait_ms: float
+    ttft_ms: float
+    tpot_ms: float
+    completion_ms: float
+    quality: float
+    extrapolated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    preset: str | None
+    placement: Placement
+    replica_id: str | None
+    prediction: Prediction | None
+    reason: str
+    shed: bool = False
+    sla_at_risk: bool = False
+    details: tuple[str, ...] = field(default=())

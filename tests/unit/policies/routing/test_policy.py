@@ -1,0 +1,108 @@
+"""The SLA policy on built states: budgets, long contexts, overload, quality floors, forced presets."""
+
+import random
+
+import pytest
+
+from policies.errors import InvalidRequest, UnknownPreset
+from policies.placement import Mixer
+from policies.routing import RoutingRequest, SlaPolicy, build_policy
+from policies.routing.policy import SHED_NO_PRESET
+from tests.unit.policies.routing.conftest import GIB, PRESETS, busy_worker
+
+QUALITY = {p.name: p.quality for p in PRESETS}
+
+
+def test_tight_budget_gets_a_faster_preset_than_a_loose_one(predictor):
+    policy = SlaPolicy(predictor)
+    workers = [busy_worker("a", 3, 30000), busy_worker("b", 2, 30000)]
+    loose = policy.decide(RoutingRequest(30000, 200, ttft_ms=60000, tpot_ms=200), workers)
+    tight = policy.decide(RoutingRequest(30000, 200, ttft_ms=loose.prediction.ttft_ms * 0.9, tpot_ms=200), workers)
+    assert loose.preset == "all-attention" and not loose.sla_at_risk
+    assert QUALITY[tight.preset] < QUALITY[loose.preset]
+    assert tight.prediction.ttft_ms < loose.prediction.ttft_ms and not tight.sla_at_risk
+
+
+def test_no_budget_gets_the_best_quality(predictor):
+    decision = SlaPolicy(predictor).decide(RoutingRequest(500, 100), [busy_worker("a", 8, 4000)])
+    assert decision.preset == "all-attention" and decision.reason == "no budget: best quality"
+
+
+def test_long_context_moves_away_from_full_attention(predictor):
+    policy = SlaPolicy(predictor)
+    workers = [busy_worker("a", 2, 60000), busy_worker("b", 3, 60000)]
+    short = policy.decide(RoutingRequest(1000, 200, ttft_ms=4000, tpot_ms=40), workers)
+    long = policy.decide(RoutingRequest(60000, 200, ttft_ms=6000, tpot_ms=40), workers)
+    assert short.preset == "all-attention"
+    fa_layers = {p.name: p.placement.counts()[Mixer.ATTENTION] for p in PRESETS}
+    assert fa_layers[long.preset] <= 3 and not long.sla_at_risk
+    # The same long request with a budget full attention can meet keeps full attention.
+    assert policy.decide(RoutingRequest(60000, 200, ttft_ms=60000, tpot_ms=40), workers).preset == "all-attention"
+
+
+def test_overload_sheds_sheddable_requests_and_flags_the_others(predictor):
+    policy = SlaPolicy(predictor)
+    full = [busy_worker(f"w{i}", 16, 30000, waiting=20) for i in range(3)]
+    budget = dict(ttft_ms=200, tpot_ms=10)
+    shed = policy.decide(RoutingRequest(8000, 500, priority=-1, **budget), full)
+    kept = policy.decide(RoutingRequest(8000, 500, priority=0, **budget), full)
+    assert shed.shed and shed.reason == SHED_NO_PRESET
+    assert not kept.shed and kept.sla_at_risk and kept.replica_id is not None
+    fastest = min(PRESETS, key=lambda p: p.quality)
+    assert kept.prediction.completion_ms <= policy.decide(
+        RoutingRequest(8000, 500, preset=fastest.name), full).prediction.completion_ms + 1e-6
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_min_quality_is_never_violated(predictor, seed):
+    rng = random.Random(seed)
+    policy = SlaPolicy(predictor)
+    workers = [busy_worker(f"w{i}", rng.randrange(0, 20), rng.choice([2000, 16000, 60000]),
+                           placement=rng.choice(PRESETS).placement, waiting=rng.randrange(0, 4)) for i in range(4)]
+    floor = rng.choice([0.77, 0.8, 0.9, 0.95, 1.0])
+    request = RoutingRequest(rng.randrange(10, 30000), rng.randrange(1, 1000), ttft_ms=rng.choice([None, 100, 2000]),
+                             tpot_ms=rng.choice([None, 5, 30, 100]), min_quality=floor,
+                             priority=rng.choice([-1, 0]))
+    decision = policy.decide(request, workers)
+    assert QUALITY[decision.preset] >= floor
+
+
+def test_min_quality_above_every_preset_is_refused(predictor):
+    with pytest.raises(InvalidRequest, match="no preset reaches min_quality"):
+        SlaPolicy(predictor).decide(RoutingRequest(10, 10, min_quality=1.01), [busy_worker("a", 0, 0)])
+
+
+def test_forced_preset_and_placement(predictor):
+    policy = SlaPolicy(predictor)
+    workers = [busy_worker("a", 2, 1000)]
+    forced = policy.decide(RoutingRequest(100, 10, tpot_ms=0.001, preset="lklhd-10"), workers)
+    assert forced.preset == "lklhd-10" and forced.sla_at_risk and not forced.shed
+    by_placement = policy.decide(RoutingRequest(100, 10, placement=PRESETS[2].placement), workers)
+    assert by_placement.preset == "lklhd-18"
+    with pytest.raises(UnknownPreset):
+        policy.decide(RoutingRequest(100, 10, preset="turbo"), workers)
+
+
+def test_the_less_loaded_replica_wins_a_tie(predictor):
+    decision = SlaPolicy(predictor).decide(RoutingRequest(500, 100),
+                                           [busy_worker("busy", 30, 8000), busy_worker("idle", 1, 8000)])
+    assert decision.replica_id == "idle"
+
+
+def test_a_request_waits_for_memory_on_a_full_replica(predictor):
+    full = busy_worker("full", 12, 60000, budget=12 * GIB)
+    empty = busy_worker("empty", 0, 0, budget=12 * GIB)
+    request = RoutingRequest(60000, 100)
+    views = SlaPolicy(predictor).views([full, empty])
+    arrays = predictor.predict(request, views)
+    assert (arrays["queue_wait"][:, 0] >= arrays["queue_wait"][:, 1]).all()
+    assert arrays["queue_wait"][0, 0] > 0  # all-attention at 60k does not fit the full replica now
+
+
+def test_baselines(predictor):
+    workers = [busy_worker("a", 5, 1000), busy_worker("b", 1, 1000), busy_worker("c", 3, 1000)]
+    rr = build_policy("round-robin", predictor)
+    assert [rr.decide(RoutingRequest(10, 10), workers).replica_id for _ in range(4)] == ["a", "b", "c", "a"]
+    assert build_policy("least-loaded", predictor).decide(RoutingRequest(10, 10), workers).replica_id == "b"
+    fixed = build_policy("fixed:lklhd-13", predictor).decide(RoutingRequest(10, 10, tpot_ms=1e-6), workers)
+    assert fixed.preset == "lklhd-13"
