@@ -16,11 +16,12 @@ default preset).
 from __future__ import annotations
 
 import itertools
+import operator
 
 import numpy as np
 
 from policies.errors import ConfigError, InvalidRequest, UnknownPreset
-from policies.routing.predict import Predictor, WorkerView
+from policies.routing.predict import Fleet, Predictor, WorkerView
 from policies.routing.types import Decision, Prediction, PresetInfo, RoutingRequest, WorkerState
 
 SHED_NO_PRESET = "no-preset-meets-slo"
@@ -32,24 +33,32 @@ class _Base:
         self.predictor = predictor
         self.presets = predictor.presets
         self.index = {p.name: i for i, p in enumerate(self.presets)}
-        self._views: dict[str, tuple[WorkerState, WorkerView]] = {}
+        self._views: dict[str, WorkerView] = {}
+        self._fleet: Fleet | None = None
 
-    def views(self, states: list[WorkerState]) -> list[WorkerView]:
-        """Per-snapshot work is cached: a replica's view is rebuilt only when its state object changes."""
-        out = []
-        for state in states or [_EMPTY]:
-            cached = self._views.get(state.replica_id)
-            if cached is None or cached[0] is not state:
-                cached = (state, self.predictor.view(state))
-                self._views[state.replica_id] = cached
-            out.append(cached[1])
-        return out
+    def fleet(self, states: list[WorkerState]) -> Fleet:
+        """Per-snapshot work is cached: a replica's view is rebuilt only when its state object changes,
+        and the stacked arrays only when some view did."""
+        states = states or [_EMPTY]
+        fleet = self._fleet
+        if fleet is not None and len(fleet.views) == len(states) and all(
+                map(operator.is_, (v.state for v in fleet.views), states)):
+            return fleet
+        views = []
+        for state in states:
+            view = self._views.get(state.replica_id)
+            if view is None or view.state is not state:
+                view = self.predictor.view(state)
+                self._views[state.replica_id] = view
+            views.append(view)
+        self._fleet = Fleet.stack(tuple(views), self.predictor.onehot, self.predictor.chunk_fixed_ms)
+        return self._fleet
 
-    def _decision(self, p: int, w: int, views, arrays, reason: str, **flags) -> Decision:
+    def _decision(self, p: int, w: int, fleet: Fleet, arrays, reason: str, **flags) -> Decision:
         preset = self.presets[p]
         prediction = Prediction(float(arrays["queue_wait"][p, w]), float(arrays["ttft"][p, w]),
                                 float(arrays["tpot"][p, w]), float(arrays["completion"][p, w]), preset.quality)
-        replica = views[w].state.replica_id or None
+        replica = fleet.views[w].state.replica_id or None
         return Decision(preset.name, preset.placement, replica, prediction, reason, **flags)
 
     def _forced(self, request: RoutingRequest) -> int | None:
@@ -71,47 +80,69 @@ class SlaPolicy(_Base):
         if not 0 < margin <= 1:
             raise ConfigError(f"routing safety margin must be in (0, 1], got {margin}")
         self.margin = margin
+        self._all = np.ones(len(self.presets), dtype=bool)
+        groups: dict[float, list[int]] = {}
+        for p in np.argsort(-predictor.quality, kind="stable"):
+            groups.setdefault(float(predictor.quality[p]), []).append(int(p))
+        self._quality_groups = list(groups.values())
 
     def decide(self, request: RoutingRequest, states: list[WorkerState]) -> Decision:
         forced = self._forced(request)
-        views = self.views(states)
+        fleet = self.fleet(states)
         if forced == -1:
-            w = min(range(len(views)), key=lambda i: _load(views[i].state))
-            return Decision(None, request.placement, views[w].state.replica_id or None, None,
+            w = min(range(len(fleet.views)), key=lambda i: _load(fleet.views[i].state))
+            return Decision(None, request.placement, fleet.views[w].state.replica_id or None, None,
                             "placement forced by the request")
-        arrays = self.predictor.predict(request, views)
-        allowed = np.ones(len(self.presets), dtype=bool)
-        if forced is not None:
-            allowed[:] = False
-            allowed[forced] = True
-        elif request.min_quality is not None:
-            allowed = self.predictor.quality >= request.min_quality
-            if not allowed.any():
-                best = max(p.quality for p in self.presets)
-                raise InvalidRequest(f"no preset reaches min_quality {request.min_quality} (the best "
-                                     f"predicts {best:.3f})")
-        usable = allowed[:, None] & arrays["fits"]
+        arrays = self.predictor.predict(request, fleet)
+        allowed = self._allowed(request, forced)
+        usable = arrays["fits"] & allowed[:, None]
         if not usable.any():
             raise InvalidRequest("the request's cache (prompt + max_tokens) fits no replica under any allowed "
                                  "preset: shorten it")
-        meets = usable & self._meets(request, arrays)
-        completion = np.where(usable, arrays["completion"], np.inf)
-        if not request.has_budget or meets.any():
-            pool = usable if not request.has_budget else meets
-            quality = np.where(pool, self.predictor.quality[:, None], -np.inf)
-            best = quality.max()
-            p, w = np.unravel_index(np.argmin(np.where(quality == best, completion, np.inf)), quality.shape)
+        pool = usable & self._meets(request, arrays) if request.has_budget else usable
+        choice = self._best(pool, arrays["completion"])
+        if choice is not None:
+            p, w = choice
             reason = ("preset forced by the request" if forced is not None else
                       "best quality that meets the budget" if request.has_budget else "no budget: best quality")
-            return self._decision(p, w, views, arrays, reason, sla_at_risk=bool(request.has_budget
-                                                                                 and not meets[p, w]))
+            return self._decision(p, w, fleet, arrays, reason)
+        completion = np.where(usable, arrays["completion"], np.inf)
         p, w = np.unravel_index(np.argmin(completion), completion.shape)
         if forced is not None:
-            return self._decision(p, w, views, arrays, "preset forced by the request; budget at risk",
+            return self._decision(p, w, fleet, arrays, "preset forced by the request; budget at risk",
                                   sla_at_risk=True)
         if request.sheddable:
-            return self._decision(p, w, views, arrays, SHED_NO_PRESET, shed=True, sla_at_risk=True)
-        return self._decision(p, w, views, arrays, "no preset meets the budget: fastest", sla_at_risk=True)
+            return self._decision(p, w, fleet, arrays, SHED_NO_PRESET, shed=True, sla_at_risk=True)
+        return self._decision(p, w, fleet, arrays, "no preset meets the budget: fastest", sla_at_risk=True)
+
+    def _allowed(self, request: RoutingRequest, forced: int | None) -> np.ndarray:
+        if forced is not None:
+            allowed = np.zeros(len(self.presets), dtype=bool)
+            allowed[forced] = True
+            return allowed
+        if request.min_quality is None:
+            return self._all
+        allowed = self.predictor.quality >= request.min_quality
+        if not allowed.any():
+            raise InvalidRequest(f"no preset reaches min_quality {request.min_quality} (the best predicts "
+                                 f"{self.predictor.quality.max():.3f})")
+        return allowed
+
+    def _best(self, pool: np.ndarray, completion: np.ndarray) -> tuple[int, int] | None:
+        """Highest quality with any usable replica; among equal qualities, the earliest completion."""
+        rows = pool.any(axis=1)
+        if not rows.any():
+            return None
+        for group in self._quality_groups:  # best quality first; usually the first group with a row decides
+            live = [p for p in group if rows[p]]
+            if live:
+                break
+        best, best_time = None, np.inf
+        for p in live:
+            w = int(np.argmin(np.where(pool[p], completion[p], np.inf)))
+            if completion[p, w] < best_time:
+                best, best_time = (p, w), completion[p, w]
+        return best
 
     def _meets(self, request: RoutingRequest, arrays) -> np.ndarray:
         ok = np.ones(arrays["ttft"].shape, dtype=bool)
@@ -134,15 +165,15 @@ class Baseline(_Base):
         self._turn = itertools.count()
 
     def decide(self, request: RoutingRequest, states: list[WorkerState]) -> Decision:
-        views = self.views(states)
+        fleet = self.fleet(states)
         forced = self._forced(request)
         p = self.preset if forced in (None, -1) else forced
         if self.replicas == "round-robin":
-            w = next(self._turn) % len(views)
+            w = next(self._turn) % len(fleet.views)
         else:
-            w = min(range(len(views)), key=lambda i: _load(views[i].state))
-        arrays = self.predictor.predict(request, [views[w]])
-        return self._decision(p, 0, [views[w]], arrays, f"baseline {self.replicas}")
+            w = min(range(len(fleet.views)), key=lambda i: _load(fleet.views[i].state))
+        arrays = self.predictor.predict(request, fleet)
+        return self._decision(p, w, fleet, arrays, f"baseline {self.replicas}")
 
 
 def _load(state: WorkerState) -> tuple:

@@ -1,21 +1,25 @@
 """Predicted queue wait, time to first token, time per output token and completion, per (preset, worker).
 
-Per worker snapshot (``WorkerView``, computed once per snapshot, not per
-request) the step time of its running batch and the *marginal* cost of one
-more row of each mixer in each layer, linear in the new row's context:
+Per worker snapshot (``WorkerView``, built once per snapshot, not per request)
+the step time of its running batch and the *marginal* cost of one more row of
+each mixer in each layer, linear in the new row's context:
 
     step(batch + row of placement p at context c) = base + shared_and_head + sum_l (A[l, p_l] + c * B[l, p_l])
 
 Per request everything is a few numpy operations over [presets x workers]:
 
     tpot       = calibration * (base + marginal(p, c))
-    queue wait = calibration * waiting prompt tokens * prefill cost + wait for cache memory (rows finishing)
-    ttft       = queue wait + prefill(p, prompt) + chunks * current step time
+    queue wait = calibration * (waiting prompt tokens * prefill cost + wait for cache memory: rows finishing)
+    ttft       = queue wait + calibration * (prefill(p, prompt) + chunks * current step time)
     completion = ttft + (max_tokens - 1) * tpot
+
+Grids are read with the same rules as ``policies.cost.interpolate`` (linear
+inside, along the last segment above, held at the edge below), vectorised.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -23,23 +27,48 @@ import numpy as np
 
 from policies.cost import SpeedModel
 from policies.memory import AttentionShape
-from policies.placement import MIXERS, Mixer, Placement
+from policies.placement import MIXERS, Placement
 from policies.routing.types import PresetInfo, RoutingRequest, WorkerState
 
 _M = {m: i for i, m in enumerate(MIXERS)}
-_CONTEXT_PROBE = 4096  # tokens: the slope of a row's cost in its own context is measured over this span
+_CONTEXT_PROBE = 4096.0  # tokens: the slope of a row's cost in its own context is measured over this span
+_SPAN = 2.0**44  # bytes: above any cache budget (16 TiB), so offset release curves never overlap
 
 
-def one_hot(placements: list[Placement], num_layers: int) -> np.ndarray:
-    """[P, L*4] indicator of (layer, mixer)."""
-    out = np.zeros((len(placements), num_layers * len(MIXERS)))
-    for i, placement in enumerate(placements):
-        for layer, mixer in enumerate(placement):
-            out[i, layer * len(MIXERS) + _M[mixer]] = 1.0
-    return out
+def _segments(xs: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Segment index and position in it for each x (t < 0 clamped: below the grid holds the edge)."""
+    if len(xs) == 1:
+        return np.zeros(x.shape, dtype=int), np.zeros(x.shape)
+    i = np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2)
+    t = np.maximum((x - xs[i]) / (xs[i + 1] - xs[i]), 0.0)
+    return i, t
 
 
-@dataclass(frozen=True, slots=True)
+class _Grid2D:
+    """A [batches, contexts] decode grid, evaluated at arrays of (batch, context)."""
+
+    def __init__(self, batches, contexts, values: np.ndarray):
+        self.b, self.c, self.v = np.asarray(batches, float), np.asarray(contexts, float), np.asarray(values, float)
+
+    def __call__(self, batch: np.ndarray, context: np.ndarray) -> np.ndarray:
+        ib, tb = _segments(self.b, batch)
+        ic, tc = _segments(self.c, context)
+        jb, jc = np.minimum(ib + 1, len(self.b) - 1), np.minimum(ic + 1, len(self.c) - 1)
+        low = self.v[ib, ic] + tc * (self.v[ib, jc] - self.v[ib, ic])
+        high = self.v[jb, ic] + tc * (self.v[jb, jc] - self.v[jb, ic])
+        return low + tb * (high - low)
+
+
+def _interp_columns(xs: list[float], ys: np.ndarray, x: float) -> np.ndarray:
+    """Every row of ``ys`` [P, G] at one scalar ``x`` (the request path: plain Python for the index)."""
+    if len(xs) == 1:
+        return ys[:, 0]
+    i = min(max(bisect.bisect_left(xs, x) - 1, 0), len(xs) - 2)
+    t = max((x - xs[i]) / (xs[i + 1] - xs[i]), 0.0)
+    return ys[:, i] + t * (ys[:, i + 1] - ys[:, i])
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class WorkerView:
     """A worker snapshot turned into the numbers predictions need."""
 
@@ -52,100 +81,151 @@ class WorkerView:
     release_bytes: np.ndarray  # cumulative bytes freed by then
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class Fleet:
+    """All workers' views stacked, with every request-independent product precomputed ([presets x workers])."""
+
+    views: tuple[WorkerView, ...]
+    tpot_base: np.ndarray  # [P, W]: calibrated step with one more row of the preset, context 0
+    tpot_slope: np.ndarray  # [P, W]: its growth per token of the row's context
+    calibration: np.ndarray  # [W]
+    step_now: np.ndarray  # [W]: calibrated step of the running batch (a prefill chunk rides along each)
+    queue_per_token: np.ndarray  # [W]: calibrated waiting prompt tokens (times a prefill cost per token)
+    queue_fixed: np.ndarray  # [W]: calibrated fixed cost of the waiting requests' prefill chunks
+    free: np.ndarray  # [W] bytes
+    budget: np.ndarray  # [W] bytes
+    # Release curves of all workers in one sorted array: worker w's cumulative bytes offset by w * _SPAN,
+    # so one searchsorted answers every (preset, worker) pair.
+    release_ms: np.ndarray
+    release_key: np.ndarray
+    release_first: np.ndarray  # [W]: where each worker's rows start
+    release_last: np.ndarray  # [W]: its last row (first - 1: none)
+
+    @classmethod
+    def stack(cls, views: tuple[WorkerView, ...], onehot: np.ndarray, chunk_fixed_ms: float) -> "Fleet":
+        def column(get) -> np.ndarray:
+            return np.array([get(v) for v in views], dtype=float)
+
+        calibration = column(lambda v: v.state.calibration)
+        marginal = onehot @ np.stack([v.marginal for v in views], axis=1)
+        slope = onehot @ np.stack([v.slope for v in views], axis=1)
+        sizes = np.array([len(v.release_ms) for v in views])
+        first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        return cls(
+            views,
+            tpot_base=calibration * (column(lambda v: v.base_ms + v.marginal_fixed_ms) + marginal),
+            tpot_slope=calibration * slope,
+            calibration=calibration,
+            step_now=calibration * column(lambda v: v.base_ms),
+            queue_per_token=calibration * column(lambda v: v.state.waiting_prompt_tokens),
+            queue_fixed=calibration * column(lambda v: v.state.waiting_requests) * chunk_fixed_ms,
+            free=column(lambda v: v.state.cache_free_bytes),
+            budget=column(lambda v: v.state.cache_budget_bytes),
+            release_ms=np.concatenate([v.release_ms for v in views] + [np.zeros(0)]),
+            release_key=np.concatenate([v.release_bytes + w * _SPAN for w, v in enumerate(views)] + [np.zeros(0)]),
+            release_first=first,
+            release_last=first + sizes - 1,
+        )
+
+
 class Predictor:
     def __init__(self, speed: SpeedModel, presets: list[PresetInfo]):
         self.speed = speed
         self.presets = presets
         self.num_layers = speed.num_layers
-        self.onehot = one_hot([p.placement for p in presets], self.num_layers)  # [P, L*4]
+        self._layer_index: dict[Placement, np.ndarray] = {}
+        for preset in presets:
+            speed.check_placement(preset.placement)
+        self.onehot = np.zeros((len(presets), self.num_layers * len(MIXERS)))
+        for i, preset in enumerate(presets):
+            self.onehot[i, self._flat(preset.placement)] = 1.0
         self.quality = np.array([p.quality for p in presets])
+        self.decode = {m: _Grid2D(speed.batches, speed.contexts, speed.decode_ms[m]) for m in speed.mixers}
         # Prefill cost per prompt token of each preset at each profiled context: [P, G].
-        per_mixer = np.array([[speed.mixer_prefill_per_token(m, c).ms if m in speed.mixers else np.inf
-                               for c in speed.prefill_contexts] for m in MIXERS])  # [4, G]
+        per_mixer = np.array([speed.prefill_ms_per_token[m] if m in speed.mixers
+                              else np.full(len(speed.prefill_contexts), np.inf) for m in MIXERS])
         layer_mixers = self.onehot.reshape(len(presets), self.num_layers, len(MIXERS)).sum(1)  # [P, 4]
         self.prefill_per_token = layer_mixers @ per_mixer
-        self.prefill_contexts = np.array(speed.prefill_contexts, dtype=float)
+        self.prefill_contexts = [float(c) for c in speed.prefill_contexts]
         self.chunk = speed.prefill_chunk
-        self.chunk_fixed_ms = self.num_layers * speed.shared(self.chunk).ms + speed.head(1).ms
+        self.chunk_fixed_ms = self._shared_and_head(self.chunk) - speed.head(self.chunk).ms + speed.head(1).ms
         self._bytes = _BytesModel(speed, presets)
 
-    # ---- per snapshot ----
-
-    def view(self, state: WorkerState) -> WorkerView:
-        speed, rows = self.speed, [(r.placement, r.context_tokens) for r in state.running]
-        batch = len(rows) + state.in_flight
-        base = speed.step(rows).ms if rows else 0.0
-        if state.in_flight and rows:  # rows dispatched since the snapshot: assume they look like the rest
-            base *= batch / len(rows)
-        fixed = self._shared_and_head(batch + 1) - self._shared_and_head(batch)
-        counts = np.zeros((self.num_layers, len(MIXERS)))
-        contexts = np.zeros((self.num_layers, len(MIXERS)))
-        for placement, context in rows:
-            for layer, mixer in enumerate(placement):
-                counts[layer, _M[mixer]] += 1
-                contexts[layer, _M[mixer]] += context
-        marginal = np.zeros((self.num_layers, len(MIXERS)))
-        slope = np.zeros_like(marginal)
-        cache: dict[tuple, tuple[float, float]] = {}
-        for layer in range(self.num_layers):
-            for mixer in speed.mixers:
-                n, total = counts[layer, _M[mixer]], contexts[layer, _M[mixer]]
-                key = (mixer, n, total)
-                if key not in cache:
-                    now = speed.mixer_decode(mixer, int(n), total / n).ms if n else 0.0
-                    at0 = speed.mixer_decode(mixer, int(n) + 1, total / (n + 1)).ms
-                    at_probe = speed.mixer_decode(mixer, int(n) + 1, (total + _CONTEXT_PROBE) / (n + 1)).ms
-                    cache[key] = (at0 - now, (at_probe - at0) / _CONTEXT_PROBE)
-                marginal[layer, _M[mixer]], slope[layer, _M[mixer]] = cache[key]
-        order = sorted(state.running, key=lambda r: r.remaining_tokens)
-        step = max(base, 1e-3)
-        release_ms = np.array([r.remaining_tokens * step for r in order])
-        release_bytes = np.cumsum([r.cache_bytes for r in order]) if order else np.zeros(0)
-        return WorkerView(state, base, fixed, marginal.ravel(), slope.ravel(), release_ms, np.asarray(release_bytes))
+    def _flat(self, placement: Placement) -> np.ndarray:
+        """Indices into the flattened [L*4] (layer, mixer) axis."""
+        index = self._layer_index.get(placement)
+        if index is None:
+            index = np.arange(self.num_layers) * len(MIXERS) + np.array([_M[m] for m in placement])
+            self._layer_index[placement] = index
+        return index
 
     def _shared_and_head(self, rows: int) -> float:
         return self.num_layers * self.speed.shared(rows).ms + self.speed.head(rows).ms if rows else 0.0
 
+    # ---- per snapshot ----
+
+    def view(self, state: WorkerState) -> WorkerView:
+        width = self.num_layers * len(MIXERS)
+        counts, totals = np.zeros(width), np.zeros(width)
+        for row in state.running:
+            index = self._flat(row.placement)
+            counts[index] += 1
+            totals[index] += row.context_tokens
+        base = self._shared_and_head(len(state.running)) if state.running else 0.0
+        marginal, slope = np.zeros(width), np.zeros(width)
+        for mixer, grid in self.decode.items():
+            cells = slice(_M[mixer], width, len(MIXERS))
+            n, total = counts[cells], totals[cells]
+            busy = n > 0
+            now = np.where(busy, grid(np.maximum(n, 1), total / np.maximum(n, 1)), 0.0)
+            base += float(now[busy].sum())
+            at0 = grid(n + 1, total / (n + 1))
+            marginal[cells] = at0 - now
+            slope[cells] = (grid(n + 1, (total + _CONTEXT_PROBE) / (n + 1)) - at0) / _CONTEXT_PROBE
+        if state.in_flight and state.running:  # dispatched since the snapshot: assume they look like the rest
+            base *= (len(state.running) + state.in_flight) / len(state.running)
+        rows = len(state.running) + state.in_flight
+        fixed = self._shared_and_head(rows + 1) - self._shared_and_head(rows)
+        order = sorted(state.running, key=lambda r: r.remaining_tokens)
+        step = max(base, 1e-3)
+        release_ms = np.array([r.remaining_tokens * step for r in order])
+        release_bytes = np.cumsum([r.cache_bytes for r in order]).astype(float) if order else np.zeros(0)
+        return WorkerView(state, base, fixed, marginal, slope, release_ms, release_bytes)
+
     # ---- per request ----
 
-    def predict(self, request: RoutingRequest, views: list[WorkerView]) -> dict[str, np.ndarray]:
+    def predict(self, request: RoutingRequest, fleet: Fleet) -> dict[str, np.ndarray]:
         """Arrays of shape [presets, workers]: queue_wait, ttft, tpot, completion (ms) and fits (bool)."""
         n_prompt = request.prompt_tokens
-        marginal = np.stack([v.marginal for v in views], axis=1)  # [L*4, W]
-        slope = np.stack([v.slope for v in views], axis=1)
-        base = np.array([v.base_ms + v.marginal_fixed_ms for v in views])  # [W]
-        calibration = np.array([v.state.calibration for v in views])
         context = n_prompt + request.max_tokens / 2  # the row's mean context while it decodes
-        tpot = calibration * (base + self.onehot @ (marginal + context * slope))  # [P, W]
-        # Prefill: per-token cost at the prompt's mean context (exact when linear in context).
-        per_token = _interp_rows(self.prefill_contexts, self.prefill_per_token, n_prompt / 2)  # [P]
+        tpot = fleet.tpot_base + context * fleet.tpot_slope
+        per_token = _interp_columns(self.prefill_contexts, self.prefill_per_token, n_prompt / 2)  # [P]
         chunks = math.ceil(n_prompt / self.chunk)
         prefill = chunks * self.chunk_fixed_ms + n_prompt * per_token  # [P]
-        running_step = np.array([v.base_ms for v in views])
-        waiting = np.array([v.state.waiting_prompt_tokens for v in views], dtype=float)
-        queue = waiting * float(per_token.mean()) + np.array([v.state.waiting_requests for v in views]) * \
-            self.chunk_fixed_ms
+        queue = fleet.queue_per_token * (per_token.sum() / len(per_token)) + fleet.queue_fixed  # [W]
         need = self._bytes.sequence_bytes(n_prompt + request.max_tokens)  # [P]
-        free = np.array([v.state.cache_free_bytes for v in views], dtype=float)
-        budget = np.array([v.state.cache_budget_bytes for v in views], dtype=float)
-        memory_wait, fits = self._memory_wait(need, free, budget, views)
-        queue_wait = calibration * (queue + memory_wait)  # [P, W] (broadcast)
-        ttft = queue_wait + calibration * (prefill[:, None] + chunks * running_step[None, :])
+        memory_wait, fits = self._memory_wait(need, fleet)
+        queue_wait = queue + memory_wait if memory_wait is not None else np.broadcast_to(queue, tpot.shape)
+        ttft = queue_wait + chunks * fleet.step_now + np.multiply.outer(prefill, fleet.calibration)
         completion = ttft + max(request.max_tokens - 1, 0) * tpot
         return {"queue_wait": queue_wait, "ttft": ttft, "tpot": tpot, "completion": completion, "fits": fits}
 
     @staticmethod
-    def _memory_wait(need: np.ndarray, free: np.ndarray, budget: np.ndarray, views: list[WorkerView]):
-        """How long until enough running rows finish to free ``need`` bytes; ``fits``: ever, on an empty worker."""
-        short = need[:, None] - free[None, :]  # [P, W]: bytes missing now
-        fits = need[:, None] <= budget[None, :]
-        wait = np.zeros_like(short)
-        for w in np.nonzero((short > 0).any(axis=0))[0]:  # only workers short for some preset
-            view, missing = views[w], short[:, w]
-            if len(view.release_bytes) == 0:
-                continue
-            index = np.minimum(np.searchsorted(view.release_bytes, missing), len(view.release_bytes) - 1)
-            wait[:, w] = np.where(missing > 0, view.release_ms[index], 0.0)
+    def _memory_wait(need: np.ndarray, fleet: Fleet):
+        """Calibrated wait until enough running rows finish to free ``need`` bytes (None: no wait anywhere),
+        and ``fits``: whether the cache fits each worker at all."""
+        fits = need[:, None] <= fleet.budget
+        largest = need.max() - fleet.free  # the preset needing most bytes is short wherever any is
+        workers = np.flatnonzero(largest > 0)
+        if not len(workers) or not len(fleet.release_key):
+            return None, fits
+        missing = need[:, None] - fleet.free[workers]  # [P, Ws]
+        first, last = fleet.release_first[workers], fleet.release_last[workers]
+        index = np.searchsorted(fleet.release_key, missing + workers * _SPAN)  # the row whose finish frees enough
+        index = np.minimum(np.maximum(index, first), np.maximum(last, first))
+        waited = fleet.release_ms[np.minimum(index, len(fleet.release_ms) - 1)]
+        wait = np.zeros(fits.shape)
+        wait[:, workers] = np.where((missing > 0) & (last >= first), waited, 0.0) * fleet.calibration[workers]
         return wait, fits
 
     def sequence_bytes(self, context: int) -> np.ndarray:
@@ -177,12 +257,3 @@ class _BytesModel:
         for window, per_token in self.windowed.items():
             total = total + per_token * min(context, window)
         return total
-
-
-def _interp_rows(xs: np.ndarray, ys: np.ndarray, x: float) -> np.ndarray:
-    """Linear interpolation of every row of ``ys`` [P, G] at ``x``; beyond the grid, along the last segment."""
-    if len(xs) == 1:
-        return ys[:, 0]
-    i = int(np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2))
-    t = (x - xs[i]) / (xs[i + 1] - xs[i])
-    return ys[:, i] + max(t, 0.0) * (ys[:, i + 1] - ys[:, i])

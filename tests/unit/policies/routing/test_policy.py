@@ -93,8 +93,7 @@ def test_a_request_waits_for_memory_on_a_full_replica(predictor):
     full = busy_worker("full", 12, 60000, budget=12 * GIB)
     empty = busy_worker("empty", 0, 0, budget=12 * GIB)
     request = RoutingRequest(60000, 100)
-    views = SlaPolicy(predictor).views([full, empty])
-    arrays = predictor.predict(request, views)
+    arrays = predictor.predict(request, SlaPolicy(predictor).fleet([full, empty]))
     assert (arrays["queue_wait"][:, 0] >= arrays["queue_wait"][:, 1]).all()
     assert arrays["queue_wait"][0, 0] > 0  # all-attention at 60k does not fit the full replica now
 
