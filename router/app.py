@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from router.config import AppConfig, resolve_checkpoint
 from router.ingress import Ingress
@@ -27,6 +28,12 @@ def build_app(config: AppConfig) -> Application:
         max_ongoing_requests=worker.max_ongoing_requests,
         max_queued_requests=worker.max_queued_requests,
         health_check_period_s=10,
+        request_router_config=RequestRouterConfig(
+            request_router_class="router.replica_router:SupernetRequestRouter",
+            request_router_kwargs={"deployment": "SupernetWorker"},
+            request_routing_stats_period_s=config.routing.stats_period_s,
+            request_routing_stats_timeout_s=max(1.0, config.routing.stats_period_s),
+        ),
     )
     ingress = Ingress.options(num_replicas=config.ingress.num_replicas)
     return ingress.bind(worker_deployment.bind(spec), config.model_dump(), checkpoint)

@@ -125,7 +125,8 @@ def run_serve(args) -> int:
     import os
     import time
 
-    from router.config import AppConfig, default_config
+    from router.config import AppConfig
+    from router.defaults import default_config
 
     config = AppConfig.from_yaml(args.config) if args.config else default_config()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

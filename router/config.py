@@ -65,9 +65,18 @@ class IngressSettings(_Strict):
     model_name: str | None = Field(None, description="Model id served at /v1/models; default: the folder name.")
 
 
+class TablesSettings(_Strict):
+    speed: str | None = Field(None, description="Speed table (supernet-router profile) measured for this checkpoint "
+                                                "on the workers' device; without one, routing uses the default preset.")
+
+
 class RoutingSettings(_Strict):
-    default_preset: str | None = Field(None, description="Preset for requests that force none; default: the "
-                                                         "first preset.")
+    policy: str = Field("sla", description="sla | fixed:<preset> | round-robin | least-loaded (baselines).")
+    margin: float = Field(0.9, gt=0, le=1, description="Predictions must fit within margin x budget.")
+    default_preset: str | None = Field(None, description="Preset without a speed table or budget-free baselines; "
+                                                         "default: the best-quality preset.")
+    stats_period_s: float = Field(1.0, gt=0, description="How often workers publish their load to the router.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After on a shed request (429).")
 
 
 class AppConfig(_Strict):
@@ -76,6 +85,7 @@ class AppConfig(_Strict):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    tables: TablesSettings = Field(default_factory=TablesSettings)
 
     @model_validator(mode="after")
     def _presets_consistent(self) -> "AppConfig":
@@ -86,6 +96,17 @@ class AppConfig(_Strict):
         if self.routing.default_preset is not None and self.routing.default_preset not in names:
             raise ValueError(f"routing.default_preset {self.routing.default_preset!r} is not one of the presets "
                              f"({', '.join(names) or 'none configured'})")
+        policy = self.routing.policy
+        if policy.startswith("fixed:") and policy.split(":", 1)[1] not in names:
+            raise ValueError(f"routing.policy {policy!r} names no configured preset ({', '.join(names)})")
+        if policy not in ("sla", "round-robin", "least-loaded") and not policy.startswith("fixed:"):
+            raise ValueError(f"routing.policy {policy!r} is unknown: use sla, fixed:<preset>, round-robin or "
+                             "least-loaded")
+        if self.tables.speed is not None:
+            unrated = [p.name for p in self.presets if p.quality is None]
+            if unrated:
+                raise ValueError(f"presets {', '.join(unrated)} have no quality: routing by budget needs each "
+                                 "preset's predicted quality (presets.json from `supernet-router frontier`)")
         return self
 
     @classmethod
@@ -109,23 +130,8 @@ class AppConfig(_Strict):
             raise ConfigError(f"{source}: {where}: {first['msg']}") from None
 
 
-def default_config() -> AppConfig:
-    """The embedded default: the small checkpoint on one CPU worker, with presets from all-attention to all-GDN."""
-    return AppConfig(presets=[
-        PresetSettings(name="quality", placement="AAAAAA", description="all attention: the reference quality"),
-        PresetSettings(name="balanced", placement="ASASGK", description="attention and sliding window first"),
-        PresetSettings(name="fast", placement="SGKGKG", description="mostly linear-time mixers"),
-        PresetSettings(name="fastest", placement="GGGGGG", description="all Gated DeltaNet: constant memory"),
-    ])
-
-
 def resolve_checkpoint(config: AppConfig) -> Path:
-    """The checkpoint folder to serve; the embedded default is made on first use."""
-    if config.model.checkpoint is not None:
-        return Path(config.model.checkpoint)
-    path = DEFAULT_HOME / "checkpoints" / "tiny-6"
-    if not (path / "config.json").exists():
-        from workers.model.tiny import make_tiny_checkpoint
-
-        make_tiny_checkpoint(path, num_layers=6, seed=0)
-    return path
+    """The checkpoint folder to serve (``router.defaults`` fills it in for the embedded default)."""
+    if config.model.checkpoint is None:
+        raise ConfigError("model.checkpoint is not set: give the checkpoint folder to serve")
+    return Path(config.model.checkpoint)

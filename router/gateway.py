@@ -14,11 +14,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from collections.abc import Callable
+
 from policies.errors import InvalidPlacement
 from policies.placement import Placement
+from policies.routing import PresetInfo, RoutingRequest
 from router.api_models import ChatCompletionRequest, CompletionRequest, Routing, Sla
 from router.config import AppConfig
-from router.errors import ApiError
+from router.errors import SHED_REASON_HEADER, ApiError
+from router.routing import RoutingService
 from workers.model.config import load_config
 from workers.model.tokenizer import Tokenizer
 
@@ -38,6 +42,7 @@ class Prepared:
     params: dict
     model: str
     started: float
+    replica_id: str | None = None
 
 
 def load_api_keys(config: AppConfig) -> frozenset[str]:
@@ -49,7 +54,7 @@ def load_api_keys(config: AppConfig) -> frozenset[str]:
 
 
 class Gateway:
-    def __init__(self, config: AppConfig, checkpoint: str):
+    def __init__(self, config: AppConfig, checkpoint: str, replicas: Callable[[], list] = list):
         self.config = config
         self.tokenizer = Tokenizer.load(checkpoint)
         model_config = load_config(checkpoint)
@@ -58,8 +63,16 @@ class Gateway:
         self.model_id = config.ingress.model_name or Path(checkpoint).name
         self.presets = {p.name: p for p in config.presets}
         self.placements = {name: model_config.placement(p.placement) for name, p in self.presets.items()}
-        self.default_preset = config.routing.default_preset or (config.presets[0].name if config.presets else None)
+        rated = [p for p in config.presets if p.quality is not None]
+        best = max(rated, key=lambda p: p.quality).name if rated else (config.presets[0].name if config.presets else None)
+        self.default_preset = config.routing.default_preset or best
         self.api_keys = load_api_keys(config)
+        self.replicas = replicas  # Serve's running replicas, with their routing stats
+        self.routing: RoutingService | None = None
+        if config.tables.speed is not None:
+            infos = [PresetInfo(n, self.placements[n], p.quality) for n, p in self.presets.items()]
+            self.routing = RoutingService(config.routing.policy, config.tables.speed, infos, self.num_layers,
+                                          self.default_preset, config.routing.margin)
 
     # ---- access ----
 
@@ -100,10 +113,17 @@ class Gateway:
                            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                            f"context of {self.max_context} tokens: shorten the prompt or lower max_tokens",
                            "max_tokens" if max_tokens > self.max_context // 2 else "prompt")
-        placement, routing = self.choose(body, sla)
+        placement, routing, replica = self.choose(body, sla, len(prompt_ids), max_tokens)
         params = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                   "top_k": body.top_k, "seed": body.seed, "stop": list(body.stop or [])}
-        return Prepared(uuid.uuid4().hex, prompt_ids, placement, routing, params, body.model, started)
+        prepared = Prepared(uuid.uuid4().hex, prompt_ids, placement, routing, params, body.model, started, replica)
+        if self.routing is not None:
+            self.routing.dispatched(replica, prepared.request_id)
+        return prepared
+
+    def done(self, prepared: Prepared) -> None:
+        if self.routing is not None:
+            self.routing.finished(prepared.replica_id, prepared.request_id)
 
     def _sla(self, sla: Sla | None, headers: dict[str, str]) -> Sla | None:
         values = sla.model_dump() if sla else {}
@@ -121,29 +141,52 @@ class Gateway:
             values[field] = value
         return Sla(**values) if any(v is not None for v in values.values()) else None
 
-    def choose(self, body, sla: Sla | None) -> tuple[Placement, Routing]:
-        """The forced placement or preset, else the default preset (the SLA-aware policy replaces this)."""
+    def choose(self, body, sla: Sla | None, prompt_tokens: int, max_tokens: int):
+        """(placement, routing, replica id): the routing policy's decision, or forced / default without tables."""
         if body.model != self.model_id and body.model not in self.presets:
             raise ApiError(404, "model_not_found", f"unknown model {body.model!r}: use {self.model_id!r} or a "
                                                    f"preset ({', '.join(self.presets) or 'none'})", "model")
+        forced_placement = None
         if body.placement is not None:
             try:
-                placement = Placement.parse(body.placement, self.num_layers)
+                forced_placement = Placement.parse(body.placement, self.num_layers)
             except InvalidPlacement as exc:
                 raise ApiError(400, "invalid_placement", exc.message, "placement") from None
-            name = next((n for n, p in self.placements.items() if p == placement), None)
-            return placement, self._routing(name, placement, "placement forced by the request")
         name = body.preset or (body.model if body.model in self.presets else None)
+        if name is not None and name not in self.presets:
+            raise ApiError(404, "unknown_preset", f"unknown preset {name!r}: use one of "
+                                                  f"{', '.join(self.presets) or 'none configured'}", "preset")
+        if self.routing is not None:
+            return self._decide(body, sla, prompt_tokens, max_tokens, name, forced_placement)
+        if forced_placement is not None:
+            known = next((n for n, p in self.placements.items() if p == forced_placement), None)
+            return forced_placement, self._routing(known, forced_placement, "placement forced by the request"), None
         if name is not None:
-            if name not in self.presets:
-                raise ApiError(404, "unknown_preset", f"unknown preset {name!r}: use one of "
-                                                      f"{', '.join(self.presets) or 'none configured'}", "preset")
-            return self.placements[name], self._routing(name, self.placements[name], "preset forced by the request")
+            return self.placements[name], self._routing(name, self.placements[name], "preset forced by the request"), None
         if self.default_preset is None:
             raise ApiError(400, "invalid_request", "no presets are configured: give a placement", "placement")
-        return self.placements[self.default_preset], self._routing(self.default_preset,
-                                                                   self.placements[self.default_preset],
-                                                                   "default preset")
+        return (self.placements[self.default_preset],
+                self._routing(self.default_preset, self.placements[self.default_preset],
+                              "default preset (no speed table configured)"), None)
+
+    def _decide(self, body, sla: Sla | None, prompt_tokens: int, max_tokens: int, name: str | None,
+                placement: Placement | None):
+        request = RoutingRequest(prompt_tokens, max_tokens, sla.ttft_ms if sla else None, sla.tpot_ms if sla else None,
+                                 sla.deadline_ms if sla else None, body.min_quality, body.priority,
+                                 preset=name if placement is None else None, placement=placement)
+        decision = self.routing.decide(request, self.replicas())
+        if decision.shed:
+            retry = self.config.routing.retry_after_s
+            raise ApiError(429, "shed", "no preset can meet this request's latency budget at the current load; "
+                                        f"retry in {retry} s, relax the budget or raise its priority", None,
+                           {"Retry-After": str(retry), SHED_REASON_HEADER: decision.reason})
+        prediction = decision.prediction
+        routing = Routing(preset=decision.preset, placement=decision.placement.code,
+                          predicted_ttft_ms=prediction.ttft_ms if prediction else None,
+                          predicted_tpot_ms=prediction.tpot_ms if prediction else None,
+                          predicted_quality=prediction.quality if prediction else None,
+                          reason=decision.reason, sla_at_risk=decision.sla_at_risk)
+        return decision.placement, routing, decision.replica_id
 
     def _routing(self, name: str | None, placement: Placement, reason: str) -> Routing:
         quality = self.presets[name].quality if name is not None else None
@@ -151,7 +194,7 @@ class Gateway:
 
     def worker_request(self, prepared: Prepared) -> dict:
         return {"request_id": prepared.request_id, "prompt_ids": prepared.prompt_ids,
-                "placement": prepared.placement.code, "params": prepared.params}
+                "placement": prepared.placement.code, "params": prepared.params, "replica_id": prepared.replica_id}
 
     def log_done(self, prepared: Prepared, completion_tokens: int, finish_reason: str | None,
                  prompt_text: str | None = None) -> None:

@@ -21,6 +21,7 @@ from router.api_models import ChatCompletionRequest, CompletionRequest, Usage
 from router.config import AppConfig
 from router.errors import ApiError, from_exception
 from router.gateway import Gateway, Prepared, first_and_rest
+from router.replica_router import replicas_of
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def _data(payload: dict) -> str:
 class Ingress:
     def __init__(self, worker, config: dict, checkpoint: str):
         self.config = AppConfig.model_validate(config)
-        self.gateway = Gateway(self.config, checkpoint)
+        self.gateway = Gateway(self.config, checkpoint, replicas=lambda: replicas_of("SupernetWorker"))
         self.worker = worker
         self._stream_handle = worker.options(stream=True)  # cached: options() is not free
 
@@ -109,6 +110,7 @@ class Ingress:
         return await self._generate(request, ChatCompletionRequest, chat=True)
 
     async def _generate(self, request: Request, model, chat: bool):
+        prepared = None
         try:
             self.gateway.authorize(request.headers.get("authorization"))
             body = parse(model, await read_json(request, self.config.ingress.max_body_bytes))
@@ -116,6 +118,8 @@ class Ingress:
             events = self._stream_handle.generate.remote(self.gateway.worker_request(prepared))
             first, rest = await first_and_rest(events)  # admission errors become statuses here
         except Exception as exc:  # noqa: BLE001: every error maps to a status at this boundary
+            if prepared is not None:
+                self.gateway.done(prepared)
             return from_exception(exc).response()
         headers = {**prepared.routing.headers(), "x-supernet-request-id": prepared.request_id}
         if body.stream:
@@ -126,6 +130,8 @@ class Ingress:
             text, tokens, finish = await collect(first, rest)
         except Exception as exc:  # noqa: BLE001
             return from_exception(exc).response()
+        finally:
+            self.gateway.done(prepared)
         self.gateway.log_done(prepared, tokens, finish)
         usage = Usage(prompt_tokens=len(prepared.prompt_ids), completion_tokens=tokens,
                       total_tokens=len(prepared.prompt_ids) + tokens)
@@ -160,6 +166,8 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001: mid-stream errors end the stream explicitly
             error = from_exception(exc)
             yield _data({"error": {"message": error.message, "type": "server_error", "code": error.code}})
+        finally:
+            self.gateway.done(prepared)
         if include_usage:
             n = len(prepared.prompt_ids)
             yield _data({**base, "choices": [], "usage": {"prompt_tokens": n, "completion_tokens": tokens,

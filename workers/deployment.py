@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -70,6 +71,25 @@ def request_from_dict(data: dict, num_layers: int) -> Request:
     )
 
 
+def routing_stats(stats) -> dict:
+    """A compact, JSON-friendly load snapshot: running rows, the queue, cache memory, the measured step time."""
+    running = len(stats.running)
+    decode_steps = [r.seconds for r in stats.recent_steps[-16:]
+                    if r.num_prefill_tokens == 0 and r.num_rows == running and running]
+    decode_steps.sort()
+    return {
+        "taken_at": time.time(),
+        "running": [[s.placement, s.context_tokens, s.max_tokens - s.output_tokens, s.cache_bytes]
+                    for s in stats.running],
+        "waiting_requests": len(stats.waiting),
+        "waiting_prompt_tokens": stats.waiting_prompt_tokens,
+        "waiting_cache_bytes": sum(s.cache_bytes for s in stats.waiting),
+        "cache_budget_bytes": stats.cache_budget_bytes,
+        "cache_used_bytes": stats.cache_used_bytes,
+        "decode_step_ms": 1000 * decode_steps[len(decode_steps) // 2] if decode_steps else None,
+    }
+
+
 class WorkerServer:
     """A Serve replica's body; ``router/app.py`` turns it into a deployment."""
 
@@ -88,6 +108,10 @@ class WorkerServer:
     async def stats(self) -> dict:
         self._ensure_started()
         return dataclasses.asdict(self.engine.stats())
+
+    def record_routing_stats(self) -> dict:
+        """What the router needs of this replica's load, pushed by Serve every routing stats period."""
+        return routing_stats(self.engine.stats())
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy and replaces it."""

@@ -26,6 +26,26 @@ PRESETS = [
 ]
 
 
+def routed_presets(checkpoint, folder):
+    """A CPU speed table for the tiny checkpoint, and two presets where the slower one is rated better
+    (on a CPU attention is often the fastest mixer, so which is slower is read from the measured table)."""
+    from policies.tables import read_speed_model, write_table
+    from workers import profiling
+
+    device = profiling.resolve_device("cpu")
+    target = profiling.load_target(checkpoint, None, device, profiling.resolve_dtype(None, device))
+    speed = folder / "speed.json"
+    write_table(speed, profiling.profile(target, [1, 2, 4, 8], [64, 256, 1024], 64, warmup=1, repeats=3,
+                                         progress=False))
+    model = read_speed_model(speed)
+    from policies.placement import Placement
+
+    codes = ["AAAAAA", "KKKKKK"]
+    slower, faster = sorted(codes, key=lambda c: -model.homogeneous_step(Placement.parse(c), 1, 64).ms)
+    return speed, [{"name": "careful", "placement": slower, "quality": 1.0},
+                   {"name": "quick", "placement": faster, "quality": 0.8}]
+
+
 @pytest.fixture(scope="session")
 def serve_url(tiny_checkpoint, tmp_path_factory):
     import ray
@@ -48,6 +68,10 @@ def serve_url(tiny_checkpoint, tmp_path_factory):
     small = {**base, "worker": {"cache_budget_bytes": 64 * 2**20, "max_ongoing_requests": 1,
                                 "max_queued_requests": 1, "max_running": 1}}
     serve.run(build_app(AppConfig.from_dict(small)), name="small", route_prefix="/small")
+    speed, presets = routed_presets(tiny_checkpoint, tmp_path_factory.mktemp("tables"))
+    routed = {**base, "presets": presets, "tables": {"speed": str(speed)}, "routing": {"stats_period_s": 0.2},
+              "ingress": {"model_name": "tiny"}}
+    serve.run(build_app(AppConfig.from_dict(routed)), name="routed", route_prefix="/routed")
     url = f"http://127.0.0.1:{port}"
     assert httpx.get(f"{url}/health", timeout=30).status_code == 200
     yield url

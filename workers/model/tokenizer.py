@@ -92,16 +92,22 @@ class Tokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
 
 
-def stdlib_texts(max_bytes: int) -> Iterator[str]:
-    """Python standard library sources, in a fixed order: text that every machine with Python has."""
+def stdlib_texts(max_bytes: int, skip_bytes: int = 0) -> Iterator[str]:
+    """Python standard library sources, in a fixed order: text that every machine with Python has.
+
+    ``skip_bytes`` skips whole files until that much text has gone by (held-out text after a training prefix).
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
-    total = 0
+    total, skipped = 0, 0
     for path in sorted(root.glob("*.py")) + sorted(root.glob("[a-z]*/*.py")):
         if "site-packages" in path.parts or "test" in path.parts:
             continue
         try:
             text = path.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
+            continue
+        if skipped < skip_bytes:
+            skipped += len(text)
             continue
         yield text
         total += len(text)

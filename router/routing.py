@@ -1,0 +1,94 @@
+"""The ingress's routing service: replica stats -> WorkerState, the policy's decision, online calibration.
+
+Calibration: each replica's recent decode-only steps (measured) against the
+speed table's prediction for its running batch give a factor that scales later
+predictions for that replica (an exponential moving average, exported as a
+metric). In-flight requests dispatched since the last stats snapshot count as
+extra rows, so decisions between snapshots do not pile onto one replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from policies.errors import InvalidRequest
+from policies.placement import Placement
+from policies.routing import Decision, RoutingRequest, build_policy
+from policies.routing.predict import Predictor
+from policies.routing.types import PresetInfo, RunningRow, WorkerState
+from policies.tables import read_speed_model
+
+log = logging.getLogger(__name__)
+
+STALE_AFTER_S = 30.0  # stats older than this are ignored: the replica is treated by in-flight counts only
+CALIBRATION_WEIGHT = 0.2  # EMA weight of each new measurement
+CALIBRATION_LIMITS = (0.2, 20.0)
+
+
+class RoutingService:
+    def __init__(self, policy_name: str, speed_path: str, presets: list[PresetInfo], num_layers: int,
+                 default_preset: str | None, margin: float):
+        speed = read_speed_model(speed_path)
+        if speed.num_layers != num_layers:
+            raise InvalidRequest(f"{speed_path}: the speed table has {speed.num_layers} layers, the model {num_layers}")
+        self.predictor = Predictor(speed, presets)
+        self.policy = build_policy(policy_name, self.predictor, default_preset, margin)
+        self.num_layers = num_layers
+        self.calibration: dict[str, float] = {}
+        self._in_flight: dict[str, dict[str, float]] = {}  # replica -> request id -> when it was dispatched
+        self._snapshots: dict[str, tuple[float, WorkerState]] = {}  # replica -> (stats time, state)
+        self._lock = threading.Lock()
+
+    def decide(self, request: RoutingRequest, replicas: list) -> Decision:
+        return self.policy.decide(request, self.states(replicas))
+
+    def states(self, replicas: list) -> list[WorkerState]:
+        """WorkerStates from Serve's replicas (``.replica_id.unique_id``, ``.routing_stats``); cached per snapshot."""
+        states = []
+        for replica in replicas:
+            replica_id = replica.replica_id.unique_id
+            stats = replica.routing_stats or {}
+            taken = float(stats.get("taken_at", 0.0))
+            with self._lock:  # dispatched after the snapshot was taken, so not in it yet
+                in_flight = sum(1 for at in self._in_flight.get(replica_id, {}).values() if at > taken)
+            cached = self._snapshots.get(replica_id)
+            if cached is None or cached[0] != taken or cached[1].in_flight != in_flight:
+                cached = (taken, self._state(replica_id, stats, in_flight))
+                self._snapshots[replica_id] = cached
+            states.append(cached[1])
+        return states
+
+    def _state(self, replica_id: str, stats: dict, in_flight: int) -> WorkerState:
+        age = time.time() - float(stats.get("taken_at", 0.0))
+        if not stats or age > STALE_AFTER_S:
+            return WorkerState(replica_id, cache_budget_bytes=int(stats.get("cache_budget_bytes", 2**62)),
+                               in_flight=in_flight, age_s=age, calibration=self.calibration.get(replica_id, 1.0))
+        running = tuple(RunningRow(Placement.parse(code, self.num_layers), int(context), int(remaining), int(size))
+                        for code, context, remaining, size in stats.get("running", ()))
+        self._calibrate(replica_id, running, stats.get("decode_step_ms"))
+        return WorkerState(
+            replica_id, running, int(stats.get("waiting_requests", 0)), int(stats.get("waiting_prompt_tokens", 0)),
+            int(stats.get("waiting_cache_bytes", 0)), int(stats.get("cache_budget_bytes", 0)),
+            int(stats.get("cache_used_bytes", 0)), self.calibration.get(replica_id, 1.0), age, in_flight)
+
+    def _calibrate(self, replica_id: str, running: tuple[RunningRow, ...], measured_ms: float | None) -> None:
+        if not running or not measured_ms:
+            return
+        predicted = self.predictor.speed.step([(r.placement, r.context_tokens) for r in running]).ms
+        if predicted <= 0:
+            return
+        ratio = min(max(measured_ms / predicted, CALIBRATION_LIMITS[0]), CALIBRATION_LIMITS[1])
+        old = self.calibration.get(replica_id, ratio)
+        self.calibration[replica_id] = (1 - CALIBRATION_WEIGHT) * old + CALIBRATION_WEIGHT * ratio
+
+    def dispatched(self, replica_id: str | None, request_id: str) -> None:
+        if replica_id:
+            with self._lock:
+                self._in_flight.setdefault(replica_id, {})[request_id] = time.time()
+
+    def finished(self, replica_id: str | None, request_id: str) -> None:
+        if replica_id:
+            with self._lock:
+                self._in_flight.get(replica_id, {}).pop(request_id, None)
