@@ -4,13 +4,16 @@ SLA policy, in order:
 1. candidates: presets with quality >= min_quality (a forced preset: only it);
 2. predict queue wait, TTFT, TPOT and completion for every (preset, replica);
 3. keep pairs that meet every given budget with a safety margin and whose cache can ever fit;
-4. pick the highest predicted quality; ties go to the earliest predicted completion;
+4. among pairs admitted at once (no queue, cache fits now) pick the highest predicted quality, ties
+   going to the earliest completion; when every replica queues, the earliest completion instead:
+   admission is FIFO, so a request that queues blocks all behind it, and fast, small presets drain
+   the queues (degrade before the budget is lost);
 5. nothing meets the budget: shed a sheddable request (``no-preset-meets-slo``), else serve the
    fastest (earliest completion) pair and flag ``sla_at_risk``.
 No budget: the best quality, on the replica where it completes first.
 
-Baselines for benchmarks: ``fixed:<preset>``, ``round-robin`` and ``least-loaded`` (both on the
-default preset).
+Baselines for benchmarks: ``fixed:<preset>`` (that preset, replicas in turn), ``round-robin`` and
+``least-loaded`` (both on the default, best-quality preset).
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ class _Base:
                 view = self.predictor.view(state)
                 self._views[state.replica_id] = view
             views.append(view)
-        self._fleet = Fleet.stack(tuple(views), self.predictor.onehot, self.predictor.chunk_fixed_ms)
+        self._fleet = Fleet.stack(tuple(views), self.predictor.onehot, self.predictor.chunk_fixed_ms,
+                                  self.predictor.chunk)
         return self._fleet
 
     def _decision(self, p: int, w: int, fleet: Fleet, arrays, reason: str, **flags) -> Decision:
@@ -100,12 +104,17 @@ class SlaPolicy(_Base):
             raise InvalidRequest("the request's cache (prompt + max_tokens) fits no replica under any allowed "
                                  "preset: shorten it")
         pool = usable & self._meets(request, arrays) if request.has_budget else usable
-        choice = self._best(pool, arrays["completion"])
+        # Prefer pairs admitted at once: a request that queues for memory blocks every request behind it
+        # (admission is FIFO), so a quality win for one can cost many their budgets.
+        choice = self._best(pool & arrays["admit_now"], arrays["completion"])
         if choice is not None:
             p, w = choice
             reason = ("preset forced by the request" if forced is not None else
                       "best quality that meets the budget" if request.has_budget else "no budget: best quality")
             return self._decision(p, w, fleet, arrays, reason)
+        if pool.any():  # every replica queues: the fastest pair that meets the budget drains the queues soonest
+            p, w = np.unravel_index(np.argmin(np.where(pool, arrays["completion"], np.inf)), pool.shape)
+            return self._decision(p, w, fleet, arrays, "replicas are queueing: fastest preset that meets the budget")
         completion = np.where(usable, arrays["completion"], np.inf)
         p, w = np.unravel_index(np.argmin(completion), completion.shape)
         if forced is not None:
@@ -186,7 +195,7 @@ def build_policy(name: str, predictor: Predictor, default_preset: str | None = N
     if name == "sla":
         return SlaPolicy(predictor, margin)
     if name.startswith("fixed:"):
-        return Baseline(predictor, name.split(":", 1)[1], "least-loaded")
+        return Baseline(predictor, name.split(":", 1)[1], "round-robin")
     if name in ("round-robin", "round_robin"):
         return Baseline(predictor, default, "round-robin")
     if name in ("least-loaded", "least_loaded"):

@@ -39,7 +39,8 @@ def _segments(xs: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Segment index and position in it for each x (t < 0 clamped: below the grid holds the edge)."""
     if len(xs) == 1:
         return np.zeros(x.shape, dtype=int), np.zeros(x.shape)
-    i = np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2)
+    i = np.searchsorted(xs, x) - 1
+    np.minimum(np.maximum(i, 0, out=i), len(xs) - 2, out=i)  # np.clip costs more than the search here
     t = np.maximum((x - xs[i]) / (xs[i + 1] - xs[i]), 0.0)
     return i, t
 
@@ -73,7 +74,7 @@ class WorkerView:
     """A worker snapshot turned into the numbers predictions need."""
 
     state: WorkerState
-    base_ms: float  # one decode step of the running batch
+    base_ms: float  # one decode step of the running batch, grown by the rows about to join it
     marginal_fixed_ms: float  # shared layers and head, one more row
     marginal: np.ndarray  # [L*4]: one more row of mixer m at layer l, context 0
     slope: np.ndarray  # [L*4]: per token of that row's context
@@ -102,7 +103,7 @@ class Fleet:
     release_last: np.ndarray  # [W]: its last row (first - 1: none)
 
     @classmethod
-    def stack(cls, views: tuple[WorkerView, ...], onehot: np.ndarray, chunk_fixed_ms: float) -> "Fleet":
+    def stack(cls, views: tuple[WorkerView, ...], onehot: np.ndarray, chunk_fixed_ms: float, chunk: int) -> "Fleet":
         def column(get) -> np.ndarray:
             return np.array([get(v) for v in views], dtype=float)
 
@@ -118,7 +119,10 @@ class Fleet:
             calibration=calibration,
             step_now=calibration * column(lambda v: v.base_ms),
             queue_per_token=calibration * column(lambda v: v.state.waiting_prompt_tokens),
-            queue_fixed=calibration * column(lambda v: v.state.waiting_requests) * chunk_fixed_ms,
+            # Each queued prompt chunk rides along one decode step of the batch.
+            queue_fixed=calibration * (column(lambda v: v.state.waiting_requests) * chunk_fixed_ms
+                                       + np.ceil(column(lambda v: v.state.waiting_prompt_tokens) / chunk)
+                                       * column(lambda v: v.base_ms)),
             free=column(lambda v: v.state.cache_free_bytes),
             budget=column(lambda v: v.state.cache_budget_bytes),
             release_ms=np.concatenate([v.release_ms for v in views] + [np.zeros(0)]),
@@ -182,9 +186,18 @@ class Predictor:
             at0 = grid(n + 1, total / (n + 1))
             marginal[cells] = at0 - now
             slope[cells] = (grid(n + 1, (total + _CONTEXT_PROBE) / (n + 1)) - at0) / _CONTEXT_PROBE
-        if state.in_flight and state.running:  # dispatched since the snapshot: assume they look like the rest
-            base *= (len(state.running) + state.in_flight) / len(state.running)
-        rows = len(state.running) + state.in_flight
+        # Rows about to join (dispatched since the snapshot, or queued there) slow every later step: assume
+        # they cost what the running rows cost on average.
+        # Rows about to join (dispatched since the snapshot, or queued there) slow every later step:
+        # costed like an average running row (its marginal mixer cost, shared layers and head).
+        joining = state.in_flight + state.waiting_requests
+        if state.running and joining:
+            per_row = np.mean([marginal[self._flat(r.placement)].sum() + r.context_tokens * slope[
+                self._flat(r.placement)].sum() for r in state.running])
+            rows_after = len(state.running) + joining
+            shared = self._shared_and_head(rows_after) - self._shared_and_head(len(state.running))
+            base += joining * per_row + shared
+        rows = len(state.running) + joining
         fixed = self._shared_and_head(rows + 1) - self._shared_and_head(rows)
         order = sorted(state.running, key=lambda r: r.remaining_tokens)
         step = max(base, 1e-3)
@@ -195,7 +208,7 @@ class Predictor:
     # ---- per request ----
 
     def predict(self, request: RoutingRequest, fleet: Fleet) -> dict[str, np.ndarray]:
-        """Arrays of shape [presets, workers]: queue_wait, ttft, tpot, completion (ms) and fits (bool)."""
+        """Arrays of shape [presets, workers]: queue_wait, ttft, tpot, completion (ms), fits and admit_now (bool)."""
         n_prompt = request.prompt_tokens
         context = n_prompt + request.max_tokens / 2  # the row's mean context while it decodes
         tpot = fleet.tpot_base + context * fleet.tpot_slope
@@ -208,7 +221,10 @@ class Predictor:
         queue_wait = queue + memory_wait if memory_wait is not None else np.broadcast_to(queue, tpot.shape)
         ttft = queue_wait + chunks * fleet.step_now + np.multiply.outer(prefill, fleet.calibration)
         completion = ttft + max(request.max_tokens - 1, 0) * tpot
-        return {"queue_wait": queue_wait, "ttft": ttft, "tpot": tpot, "completion": completion, "fits": fits}
+        # Admitted at once: no FIFO queue on the worker and the cache fits its free memory now.
+        admit_now = (need[:, None] <= fleet.free) & (fleet.queue_fixed == 0)
+        return {"queue_wait": queue_wait, "ttft": ttft, "tpot": tpot, "completion": completion, "fits": fits,
+                "admit_now": admit_now}
 
     @staticmethod
     def _memory_wait(need: np.ndarray, fleet: Fleet):

@@ -36,8 +36,9 @@ def test_long_context_moves_away_from_full_attention(predictor):
     assert short.preset == "all-attention"
     fa_layers = {p.name: p.placement.counts()[Mixer.ATTENTION] for p in PRESETS}
     assert fa_layers[long.preset] <= 3 and not long.sla_at_risk
-    # The same long request with a budget full attention can meet keeps full attention.
-    assert policy.decide(RoutingRequest(60000, 200, ttft_ms=60000, tpot_ms=40), workers).preset == "all-attention"
+    # The same long request with a budget full attention can meet, where its cache fits, keeps full attention.
+    roomy = [busy_worker("c", 1, 60000)]
+    assert policy.decide(RoutingRequest(60000, 200, ttft_ms=60000, tpot_ms=40), roomy).preset == "all-attention"
 
 
 def test_overload_sheds_sheddable_requests_and_flags_the_others(predictor):
