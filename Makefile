@@ -1,11 +1,12 @@
 # Two commands set everything up on a fresh machine:
-#   make run    the service on the embedded default (today: a generation on the small checkpoint, on the CPU)
+#   make run    the service on the embedded default: the small checkpoint on the CPU, at http://127.0.0.1:8000
 #   make test   the whole test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEFAULT_CHECKPOINT := .cache/checkpoints/tiny
+HOST ?= 127.0.0.1
+PORT ?= 8000
 
 .PHONY: run test install clean
 
@@ -20,9 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: $(STAMP)
-	test -f $(DEFAULT_CHECKPOINT)/config.json || $(BIN)/supernet-router checkpoint tiny --out $(DEFAULT_CHECKPOINT)
-	$(BIN)/supernet-router generate --checkpoint $(DEFAULT_CHECKPOINT) --placement AASGKG \
-		--prompt "def fibonacci(n):" --max-tokens 32
+	RAY_AUTH_MODE=disabled $(BIN)/supernet-router serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

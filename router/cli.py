@@ -143,7 +143,7 @@ def run_serve(args) -> int:
     print(f"supernet-router is serving at {url}  (Ctrl-C stops it)")
     print("try a request with a latency budget:")
     print(f"  curl -s {url}/v1/completions -H 'content-type: application/json' -H 'x-slo-ttft-ms: 500' \\\n"
-          f"    -d '{{\"model\": \"{config.presets[0].name if config.presets else 'default'}\", "
+          f"    -d '{{\"model\": \"{config.ingress.model_name or Path(config.model.checkpoint).name}\", "
           f"\"prompt\": \"def fibonacci(n):\", \"max_tokens\": 32, \"sla\": {{\"tpot_ms\": 100}}}}'")
     try:
         while True:
