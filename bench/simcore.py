@@ -36,6 +36,7 @@ class SimRequest:
     first_token: float | None = None
     finished: float | None = None
     shed: bool = False
+    prediction: object = None  # what the router predicted when it placed the request
 
     def met(self) -> bool:
         if self.shed or self.finished is None:
@@ -56,6 +57,7 @@ class SimReplica:
     waiting: deque = field(default_factory=deque)
     used: int = 0
     busy: bool = False
+    finished: list = field(default_factory=list)
 
     def admit(self) -> None:
         while self.waiting and self.waiting[0].cache_bytes <= self.budget - self.used:
@@ -101,13 +103,20 @@ class SimReplica:
                 r.first_token = end
         for r in [r for r in self.running if r.generated >= r.max_tokens]:
             r.finished = end
+            self.finished.append(r)
             self.used -= r.cache_bytes
             self.running.remove(r)
         return ms / 1000
+
+    def finished_since(self) -> list[SimRequest]:
+        """Requests finished since the last call (the driver feeds them to the router's calibration)."""
+        out, self.finished = self.finished, []
+        return out
 
     def snapshot(self, now: float) -> WorkerState:
         presets = self.predictor.presets
         running = tuple(RunningRow(presets[r.preset].placement, r.prompt + r.generated, r.max_tokens - r.generated,
                                    r.cache_bytes) for r in self.running)
         return WorkerState(self.name, running, len(self.waiting), sum(r.prompt for r in self.waiting),
-                           sum(r.cache_bytes for r in self.waiting), self.budget, self.used)
+                           sum(r.prefill_left for r in self.running), sum(r.cache_bytes for r in self.waiting),
+                           self.budget, self.used)

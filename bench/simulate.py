@@ -57,8 +57,8 @@ def workload(rate: float, count: int, seed: int) -> list[SimRequest]:
 
 
 def run(policy_name: str, predictor: Predictor, requests: list[SimRequest], replicas: int, budget: int,
-        chunk: int, stats_period: float) -> dict:
-    policy = build_policy(policy_name, predictor)
+        chunk: int, stats_period: float, margin: float = 0.9) -> dict:
+    policy = build_policy(policy_name, predictor, margin=margin)
     index = {p.name: i for i, p in enumerate(predictor.presets)}
     fleet = [SimReplica(f"r{i}", budget, predictor) for i in range(replicas)]
     events = [(r.arrival, 1, i) for i, r in enumerate(requests)]  # (time, kind 0 step-end / 1 arrival, id)
@@ -79,6 +79,7 @@ def run(policy_name: str, predictor: Predictor, requests: list[SimRequest], repl
                 request.shed = True
                 continue
             request.preset = index[decision.preset]
+            request.prediction = decision.prediction
             request.cache_bytes = int(predictor.sequence_bytes(request.prompt + request.max_tokens)[request.preset])
             replica = next(s for s in fleet if s.name == decision.replica_id) if decision.replica_id else fleet[0]
             dispatched[replica.name] = dispatched.get(replica.name, 0) + 1
@@ -86,6 +87,11 @@ def run(policy_name: str, predictor: Predictor, requests: list[SimRequest], repl
         else:
             replica = fleet[item]
             replica.busy = False
+            if hasattr(policy, "observe"):  # what the server's ingress does as each response ends
+                for r in replica.finished_since():
+                    if r.prediction is not None:
+                        policy.observe(r.prediction, 1000 * (r.first_token - r.arrival),
+                                       1000 * (r.finished - r.first_token) / max(r.generated - 1, 1))
         for i, replica in enumerate(fleet):
             if not replica.busy:
                 replica.admit()
@@ -111,6 +117,7 @@ def main() -> None:
     parser.add_argument("--budget-gib", type=float, default=25.0, help="cache memory per replica")
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--stats-period", type=float, default=0.5)
+    parser.add_argument("--margin", type=float, default=0.9, help="the SLA policy's safety margin")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/simulation-sweep.json"))
     parser.add_argument("--plot", type=Path)
@@ -130,7 +137,7 @@ def main() -> None:
         for name in POLICIES:
             row[name] = run(name, predictor, [SimRequest(**{f: getattr(r, f) for f in ("arrival", "prompt",
                             "max_tokens", "ttft_ms", "tpot_ms", "deadline_ms", "priority", "kind")}) for r in requests],
-                            args.replicas, int(args.budget_gib * 2**30), args.chunk, args.stats_period)
+                            args.replicas, int(args.budget_gib * 2**30), args.chunk, args.stats_period, args.margin)
         sweep.append(row)
         print(json.dumps({k: (v if k == "rate" else {m: round(x, 3) for m, x in v.items() if m != "attainment_by_class"})
                           for k, v in row.items()}), file=sys.stderr)
@@ -150,7 +157,7 @@ def summary(sweep: list[dict], args) -> dict:
     """The goal: where fixed all-attention meets under half, SLA >= 95% with better quality than the fastest."""
     target = next((row for row in sweep if row["fixed:all-attention"]["attainment"] < 0.5), None)
     out = {"bench": "simulate", "speed": speed_label(args.speed), "replicas": args.replicas,
-           "requests_per_load": args.requests, "seed": args.seed}
+           "requests_per_load": args.requests, "seed": args.seed, "margin": args.margin}
     if target is None:
         return {**out, "goal": "no load in the sweep drives fixed all-attention under 50%"}
     sla, fastest = target["sla"], target["fixed:Reg/Lklhd-10"]

@@ -70,8 +70,9 @@ class RoutingService:
         self._calibrate(replica_id, running, stats.get("decode_step_ms"))
         return WorkerState(
             replica_id, running, int(stats.get("waiting_requests", 0)), int(stats.get("waiting_prompt_tokens", 0)),
-            int(stats.get("waiting_cache_bytes", 0)), int(stats.get("cache_budget_bytes", 0)),
-            int(stats.get("cache_used_bytes", 0)), self.calibration.get(replica_id, 1.0), age, in_flight)
+            int(stats.get("prefill_backlog_tokens", 0)), int(stats.get("waiting_cache_bytes", 0)),
+            int(stats.get("cache_budget_bytes", 0)), int(stats.get("cache_used_bytes", 0)),
+            self.calibration.get(replica_id, 1.0), age, in_flight)
 
     def _calibrate(self, replica_id: str, running: tuple[RunningRow, ...], measured_ms: float | None) -> None:
         if not running or not measured_ms:

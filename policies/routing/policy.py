@@ -89,6 +89,16 @@ class SlaPolicy(_Base):
         for p in np.argsort(-predictor.quality, kind="stable"):
             groups.setdefault(float(predictor.quality[p]), []).append(int(p))
         self._quality_groups = list(groups.values())
+        self.error = {"ttft": 1.0, "tpot": 1.0}  # measured / predicted, from served requests (EWMA)
+
+    def observe(self, prediction: Prediction, ttft_ms: float, tpot_ms: float | None, weight: float = 0.05) -> None:
+        """Online calibration from a finished request: a request's TTFT and TPOT also depend on the load that
+        arrives after it was placed, which no snapshot shows; their measured/predicted ratios scale later
+        predictions (bounded, so one outlier cannot swing them)."""
+        for key, measured, predicted in (("ttft", ttft_ms, prediction.ttft_ms), ("tpot", tpot_ms, prediction.tpot_ms)):
+            if measured is not None and predicted > 0:
+                ratio = min(max(measured / predicted, 0.5), 4.0)
+                self.error[key] += weight * (ratio - self.error[key])
 
     def decide(self, request: RoutingRequest, states: list[WorkerState]) -> Decision:
         forced = self._forced(request)
@@ -155,9 +165,14 @@ class SlaPolicy(_Base):
 
     def _meets(self, request: RoutingRequest, arrays) -> np.ndarray:
         ok = np.ones(arrays["ttft"].shape, dtype=bool)
-        for budget, key in ((request.ttft_ms, "ttft"), (request.tpot_ms, "tpot"), (request.deadline_ms, "completion")):
-            if budget is not None:
-                ok &= arrays[key] <= self.margin * budget
+        ttft, tpot = self.error["ttft"], self.error["tpot"]
+        if request.ttft_ms is not None:
+            ok &= arrays["ttft"] * ttft <= self.margin * request.ttft_ms
+        if request.tpot_ms is not None:
+            ok &= arrays["tpot"] * tpot <= self.margin * request.tpot_ms
+        if request.deadline_ms is not None:
+            completion = arrays["ttft"] * ttft + (arrays["completion"] - arrays["ttft"]) * tpot
+            ok &= completion <= self.margin * request.deadline_ms
         return ok
 
 

@@ -95,6 +95,7 @@ class Fleet:
     queue_fixed: np.ndarray  # [W]: calibrated fixed cost of the waiting requests' prefill chunks
     free: np.ndarray  # [W] bytes
     budget: np.ndarray  # [W] bytes
+    waiting: np.ndarray  # [W]: requests queued for admission
     # Release curves of all workers in one sorted array: worker w's cumulative bytes offset by w * _SPAN,
     # so one searchsorted answers every (preset, worker) pair.
     release_ms: np.ndarray
@@ -118,12 +119,15 @@ class Fleet:
             tpot_slope=calibration * slope,
             calibration=calibration,
             step_now=calibration * column(lambda v: v.base_ms),
-            queue_per_token=calibration * column(lambda v: v.state.waiting_prompt_tokens),
+            queue_per_token=calibration * column(lambda v: v.state.waiting_prompt_tokens
+                                                 + v.state.prefill_backlog_tokens),
             # Each queued prompt chunk rides along one decode step of the batch.
             queue_fixed=calibration * (column(lambda v: v.state.waiting_requests) * chunk_fixed_ms
-                                       + np.ceil(column(lambda v: v.state.waiting_prompt_tokens) / chunk)
+                                       + np.ceil(column(lambda v: v.state.waiting_prompt_tokens
+                                                        + v.state.prefill_backlog_tokens) / chunk)
                                        * column(lambda v: v.base_ms)),
             free=column(lambda v: v.state.cache_free_bytes),
+            waiting=column(lambda v: v.state.waiting_requests + v.state.in_flight),
             budget=column(lambda v: v.state.cache_budget_bytes),
             release_ms=np.concatenate([v.release_ms for v in views] + [np.zeros(0)]),
             release_key=np.concatenate([v.release_bytes + w * _SPAN for w, v in enumerate(views)] + [np.zeros(0)]),
@@ -222,7 +226,7 @@ class Predictor:
         ttft = queue_wait + chunks * fleet.step_now + np.multiply.outer(prefill, fleet.calibration)
         completion = ttft + max(request.max_tokens - 1, 0) * tpot
         # Admitted at once: no FIFO queue on the worker and the cache fits its free memory now.
-        admit_now = (need[:, None] <= fleet.free) & (fleet.queue_fixed == 0)
+        admit_now = (need[:, None] <= fleet.free) & (fleet.waiting == 0)
         return {"queue_wait": queue_wait, "ttft": ttft, "tpot": tpot, "completion": completion, "fits": fits,
                 "admit_now": admit_now}
 

@@ -53,6 +53,7 @@ class WorkerState:
     running: tuple[RunningRow, ...] = ()
     waiting_requests: int = 0
     waiting_prompt_tokens: int = 0
+    prefill_backlog_tokens: int = 0  # prompt tokens of admitted rows not yet prefilled (ahead in the chunk FIFO)
     waiting_cache_bytes: int = 0  # what the waiting requests will reserve before a new one is admitted
     cache_budget_bytes: int = 0
     cache_used_bytes: int = 0

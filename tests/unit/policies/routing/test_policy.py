@@ -106,3 +106,25 @@ def test_baselines(predictor):
     assert build_policy("least-loaded", predictor).decide(RoutingRequest(10, 10), workers).replica_id == "b"
     fixed = build_policy("fixed:lklhd-13", predictor).decide(RoutingRequest(10, 10, tpot_ms=1e-6), workers)
     assert fixed.preset == "lklhd-13"
+
+
+def test_measured_latencies_calibrate_later_decisions(predictor):
+    policy = SlaPolicy(predictor)
+    workers = [busy_worker("a", 3, 30000)]
+    request = RoutingRequest(30000, 200, ttft_ms=60000, tpot_ms=200)
+    first = policy.decide(request, workers)
+    budget = RoutingRequest(30000, 200, ttft_ms=first.prediction.ttft_ms * 1.5, tpot_ms=200)
+    assert policy.decide(budget, workers).preset == "all-attention"
+    for _ in range(100):  # served requests keep taking twice as long to their first token as predicted
+        policy.observe(first.prediction, 2 * first.prediction.ttft_ms, first.prediction.tpot_ms)
+    assert policy.error["ttft"] == pytest.approx(2.0, rel=0.01)
+    assert policy.decide(budget, workers).preset != "all-attention"
+
+
+def test_prefill_backlog_delays_the_first_token(predictor):
+    from dataclasses import replace
+
+    idle = busy_worker("idle", 2, 4000)
+    backlogged = replace(idle, replica_id="backlogged", prefill_backlog_tokens=60000)
+    arrays = predictor.predict(RoutingRequest(1000, 50), SlaPolicy(predictor).fleet([idle, backlogged]))
+    assert (arrays["ttft"][:, 1] > arrays["ttft"][:, 0] + 100).all()
