@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from policies.errors import InvalidRequest, SupernetError
-from router import toolkit_cli
+from router import bench_cli, toolkit_cli
 
 log = logging.getLogger("supernet_router")
 
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=run_serve)
 
     toolkit_cli.register(commands)  # profile, evaluate, fit, frontier
+    bench_cli.register(commands)  # bench engine
     return parser
 
 
