@@ -24,6 +24,8 @@ run: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/supernet-router serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
+	# The metrics tests run a real Prometheus (Debian package); without root they skip with a reason.
+	command -v prometheus >/dev/null || { test "$$(id -u)" = 0 && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus; } || echo "prometheus not installed: tests/e2e/test_metrics.py skips its Prometheus tests"
 	$(BIN)/python -m pytest -q
 
 clean:

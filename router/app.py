@@ -6,8 +6,10 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
 
+from router.autoscaling import serve_autoscaling_config
 from router.config import AppConfig, resolve_checkpoint
 from router.ingress import Ingress
+from router.metrics import WorkerMetrics
 from workers.deployment import WorkerServer, WorkerSpec
 from workers.model.config import load_config
 
@@ -22,8 +24,11 @@ def build_app(config: AppConfig) -> Application:
                       num_threads=max(1, int(worker.num_cpus)), cache_budget_bytes=worker.cache_budget_bytes,
                       gpu_memory_fraction=worker.gpu_memory_fraction, max_prefill_tokens=worker.max_prefill_tokens,
                       max_running=worker.max_running)
+    scaling = config.autoscaling
+    replicas = ({"autoscaling_config": serve_autoscaling_config(scaling, worker.num_replicas)} if scaling.enabled
+                else {"num_replicas": worker.num_replicas})
     worker_deployment = serve.deployment(WorkerServer, name="SupernetWorker").options(
-        num_replicas=worker.num_replicas,
+        **replicas,
         ray_actor_options={"num_cpus": worker.num_cpus, "num_gpus": worker.num_gpus},
         max_ongoing_requests=worker.max_ongoing_requests,
         max_queued_requests=worker.max_queued_requests,
@@ -36,7 +41,9 @@ def build_app(config: AppConfig) -> Application:
         ),
     )
     ingress = Ingress.options(num_replicas=config.ingress.num_replicas)
-    return ingress.bind(worker_deployment.bind(spec), config.model_dump(), checkpoint)
+    observer = WorkerMetrics({model.placement(p.placement).code: p.name for p in config.presets},
+                             enabled=config.metrics.enabled, window_s=scaling.window_s)
+    return ingress.bind(worker_deployment.bind(spec, observer=observer), config.model_dump(), checkpoint)
 
 
 def app_builder(args: dict) -> Application:

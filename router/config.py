@@ -75,8 +75,52 @@ class RoutingSettings(_Strict):
     margin: float = Field(0.9, gt=0, le=1, description="Predictions must fit within margin x budget.")
     default_preset: str | None = Field(None, description="Preset without a speed table or budget-free baselines; "
                                                          "default: the best-quality preset.")
-    stats_period_s: float = Field(1.0, gt=0, description="How often workers publish their load to the router.")
+    stats_period_s: float = Field(0.1, gt=0, description="How often workers publish their load to the router "
+                                  "(fresher stats route better: docs/routing.md; raise it for large fleets).")
     retry_after_s: int = Field(1, ge=1, description="Retry-After on a shed request (429).")
+
+
+class MetricsSettings(_Strict):
+    enabled: bool = Field(True, description="Record the supernet_* metrics (docs/metrics.md) through Ray's metrics "
+                                            "agent, scraped on each Ray node's metrics export port (8080 on KubeRay).")
+
+
+class AutoscalingSettings(_Strict):
+    """The worker autoscaler (docs/autoscaling.md): the decision in policies/autoscaling.py, run by Ray Serve."""
+
+    enabled: bool = Field(False, description="Autoscale the worker replicas; off: worker.num_replicas, fixed. "
+                                             "On: worker.num_replicas is the initial count.")
+    min_replicas: int = Field(1, ge=1, description="Fewest worker replicas.")
+    max_replicas: int = Field(1, ge=1, description="Most worker replicas (each one holds the whole checkpoint).")
+    prometheus_url: str | None = Field(None, description="Prometheus base URL (http://host:9090) whose supernet_* "
+                                       "series feed the decision; None: the replicas' own stats, pushed to Serve.")
+    window_s: float = Field(60.0, gt=0, description="Signals are rates and quantiles over this window.")
+    interval_s: float = Field(10.0, gt=0, description="How often signals are read and the decision is made.")
+    sla_target: float = Field(0.95, gt=0, le=1, description="Share of latency budget checks that must be met.")
+    ttft_target_s: float | None = Field(None, gt=0, description="p90 time to first token to keep under "
+                                                                "(None: not a signal).")
+    tpot_target_s: float | None = Field(None, gt=0, description="p90 time per output token to keep under "
+                                                                "(None: not a signal).")
+    queue_wait_target_s: float | None = Field(1.0, gt=0, description="Mean wait in the workers' queues to keep "
+                                                                     "under (None: not a signal).")
+    quality_debt_budget: float = Field(0.2, ge=0, lt=1, description="Share of requests that may be served a "
+                                       "faster preset because of load before it counts as quality debt.")
+    debt_grace_s: float = Field(120.0, ge=0, description="Quality debt is absorbed by faster presets this long "
+                                                         "before a replica is added.")
+    utilisation_low: float = Field(0.5, gt=0, le=1, description="A replica goes only if the others would stay "
+                                                                "under this busy share.")
+    calm_fraction: float = Field(0.5, gt=0, lt=1, description="Hysteresis: scaling down needs every signal under "
+                                                              "this share of its scale-up threshold.")
+    upscale_cooldown_s: float = Field(30.0, ge=0, description="Seconds after any change before the next scale-up.")
+    downscale_stable_s: float = Field(300.0, ge=0, description="Seconds of calm (and since any change) before one "
+                                                               "replica is removed.")
+    max_scale_up_factor: float = Field(2.0, ge=1, description="One scale-up multiplies the replicas by at most this.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "AutoscalingSettings":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
 
 
 class AppConfig(_Strict):
@@ -86,6 +130,8 @@ class AppConfig(_Strict):
     ingress: IngressSettings = Field(default_factory=IngressSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     tables: TablesSettings = Field(default_factory=TablesSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
 
     @model_validator(mode="after")
     def _presets_consistent(self) -> "AppConfig":
@@ -102,6 +148,11 @@ class AppConfig(_Strict):
         if policy not in ("sla", "round-robin", "least-loaded") and not policy.startswith("fixed:"):
             raise ValueError(f"routing.policy {policy!r} is unknown: use sla, fixed:<preset>, round-robin or "
                              "least-loaded")
+        scaling = self.autoscaling
+        if scaling.enabled and not scaling.min_replicas <= self.worker.num_replicas <= scaling.max_replicas:
+            raise ValueError(f"worker.num_replicas ({self.worker.num_replicas}) is the initial count of an "
+                             f"autoscaled worker: it must lie in [autoscaling.min_replicas, max_replicas] = "
+                             f"[{scaling.min_replicas}, {scaling.max_replicas}]")
         if self.tables.speed is not None:
             unrated = [p.name for p in self.presets if p.quality is None]
             if unrated:

@@ -18,10 +18,12 @@ from collections.abc import Callable
 
 from policies.errors import InvalidPlacement
 from policies.placement import Placement
-from policies.routing import PresetInfo, RoutingRequest
+from policies.routing import PresetInfo, RoutingRequest, build_policy
+from policies.routing.types import Prediction
 from router.api_models import ChatCompletionRequest, CompletionRequest, Routing, Sla
 from router.config import AppConfig
 from router.errors import SHED_REASON_HEADER, ApiError
+from router.metrics import downgrade_reason
 from router.routing import RoutingService
 from workers.model.config import load_config
 from workers.model.tokenizer import Tokenizer
@@ -43,6 +45,13 @@ class Prepared:
     model: str
     started: float
     replica_id: str | None = None
+    sla: Sla | None = None  # the request's budgets (metrics count them met or missed)
+    downgrade: str | None = None  # why a faster preset than the best was chosen: "budget", "load" or None
+
+    @property
+    def preset_label(self) -> str:
+        """The preset as a metric label: its name, or "custom" for a placement that is no preset."""
+        return self.routing.preset or "custom"
 
 
 def load_api_keys(config: AppConfig) -> frozenset[str]:
@@ -69,10 +78,15 @@ class Gateway:
         self.api_keys = load_api_keys(config)
         self.replicas = replicas  # Serve's running replicas, with their routing stats
         self.routing: RoutingService | None = None
+        self._idle_policy = None  # the same policy over one idle replica: tells a budget downgrade from a load one
         if config.tables.speed is not None:
             infos = [PresetInfo(n, self.placements[n], p.quality) for n, p in self.presets.items()]
             self.routing = RoutingService(config.routing.policy, config.tables.speed, infos, self.num_layers,
                                           self.default_preset, config.routing.margin)
+            if config.routing.policy == "sla":
+                self._idle_policy = build_policy("sla", self.routing.predictor, self.default_preset,
+                                                 config.routing.margin)
+        self.best_quality = max((p.quality for p in rated), default=None)
 
     # ---- access ----
 
@@ -113,13 +127,26 @@ class Gateway:
                            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                            f"context of {self.max_context} tokens: shorten the prompt or lower max_tokens",
                            "max_tokens" if max_tokens > self.max_context // 2 else "prompt")
-        placement, routing, replica = self.choose(body, sla, len(prompt_ids), max_tokens)
+        placement, routing, replica, downgrade = self.choose(body, sla, len(prompt_ids), max_tokens)
         params = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                   "top_k": body.top_k, "seed": body.seed, "stop": list(body.stop or [])}
-        prepared = Prepared(uuid.uuid4().hex, prompt_ids, placement, routing, params, body.model, started, replica)
+        prepared = Prepared(uuid.uuid4().hex, prompt_ids, placement, routing, params, body.model, started, replica,
+                            sla, downgrade)
         if self.routing is not None:
             self.routing.dispatched(replica, prepared.request_id)
         return prepared
+
+    def served(self, prepared: Prepared, first_at: float | None, tokens: int) -> None:
+        """A request ended well: its measured TTFT and TPOT calibrate the policy's later predictions."""
+        policy = self.routing.policy if self.routing is not None else None
+        routing = prepared.routing
+        if not hasattr(policy, "observe") or first_at is None or routing.predicted_ttft_ms is None:
+            return
+        now = time.monotonic()
+        ttft_ms = 1000 * (first_at - prepared.started)
+        tpot_ms = 1000 * (now - first_at) / (tokens - 1) if tokens > 1 else None
+        policy.observe(Prediction(0.0, routing.predicted_ttft_ms, routing.predicted_tpot_ms, 0.0,
+                                  routing.predicted_quality or 0.0), ttft_ms, tpot_ms)
 
     def done(self, prepared: Prepared) -> None:
         if self.routing is not None:
@@ -142,7 +169,8 @@ class Gateway:
         return Sla(**values) if any(v is not None for v in values.values()) else None
 
     def choose(self, body, sla: Sla | None, prompt_tokens: int, max_tokens: int):
-        """(placement, routing, replica id): the routing policy's decision, or forced / default without tables."""
+        """(placement, routing, replica id, downgrade reason): the routing policy's decision, or forced /
+        default without tables."""
         if body.model != self.model_id and body.model not in self.presets:
             raise ApiError(404, "model_not_found", f"unknown model {body.model!r}: use {self.model_id!r} or a "
                                                    f"preset ({', '.join(self.presets) or 'none'})", "model")
@@ -160,14 +188,16 @@ class Gateway:
             return self._decide(body, sla, prompt_tokens, max_tokens, name, forced_placement)
         if forced_placement is not None:
             known = next((n for n, p in self.placements.items() if p == forced_placement), None)
-            return forced_placement, self._routing(known, forced_placement, "placement forced by the request"), None
+            return (forced_placement, self._routing(known, forced_placement, "placement forced by the request"), None,
+                    None)
         if name is not None:
-            return self.placements[name], self._routing(name, self.placements[name], "preset forced by the request"), None
+            return (self.placements[name], self._routing(name, self.placements[name], "preset forced by the request"),
+                    None, None)
         if self.default_preset is None:
             raise ApiError(400, "invalid_request", "no presets are configured: give a placement", "placement")
         return (self.placements[self.default_preset],
                 self._routing(self.default_preset, self.placements[self.default_preset],
-                              "default preset (no speed table configured)"), None)
+                              "default preset (no speed table configured)"), None, None)
 
     def _decide(self, body, sla: Sla | None, prompt_tokens: int, max_tokens: int, name: str | None,
                 placement: Placement | None):
@@ -186,7 +216,9 @@ class Gateway:
                           predicted_tpot_ms=prediction.tpot_ms if prediction else None,
                           predicted_quality=prediction.quality if prediction else None,
                           reason=decision.reason, sla_at_risk=decision.sla_at_risk)
-        return decision.placement, routing, decision.replica_id
+        downgrade = (downgrade_reason(decision, request, self.best_quality, self._idle_policy)
+                     if self._idle_policy is not None else None)
+        return decision.placement, routing, decision.replica_id, downgrade
 
     def _routing(self, name: str | None, placement: Placement, reason: str) -> Routing:
         quality = self.presets[name].quality if name is not None else None
@@ -194,7 +226,8 @@ class Gateway:
 
     def worker_request(self, prepared: Prepared) -> dict:
         return {"request_id": prepared.request_id, "prompt_ids": prepared.prompt_ids,
-                "placement": prepared.placement.code, "params": prepared.params, "replica_id": prepared.replica_id}
+                "placement": prepared.placement.code, "params": prepared.params, "replica_id": prepared.replica_id,
+                "sla": prepared.sla.model_dump() if prepared.sla else None, "downgrade": prepared.downgrade}
 
     def log_done(self, prepared: Prepared, completion_tokens: int, finish_reason: str | None,
                  prompt_text: str | None = None) -> None:

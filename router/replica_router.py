@@ -30,8 +30,11 @@ def replicas_of(deployment: str) -> list[RunningReplica]:
 
 class SupernetRequestRouter(FIFOMixin, RequestRouter):
     def initialize_state(self, deployment: str = "SupernetWorker", **kwargs) -> None:
-        with _LOCK:
-            _ROUTERS[deployment] = self
+        # Serve pickles this class by value, so the globals it sees are copies: register in the imported module.
+        import router.replica_router as registry
+
+        with registry._LOCK:
+            registry._ROUTERS[deployment] = self
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:

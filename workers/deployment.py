@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -83,6 +84,7 @@ def routing_stats(stats) -> dict:
                     for s in stats.running],
         "waiting_requests": len(stats.waiting),
         "waiting_prompt_tokens": stats.waiting_prompt_tokens,
+        "prefill_backlog_tokens": sum(s.prefill_tokens_left for s in stats.running),
         "waiting_cache_bytes": sum(s.cache_bytes for s in stats.waiting),
         "cache_budget_bytes": stats.cache_budget_bytes,
         "cache_used_bytes": stats.cache_used_bytes,
@@ -90,20 +92,39 @@ def routing_stats(stats) -> dict:
     }
 
 
+class WorkerObserver(Protocol):
+    """What a replica reports besides routing stats (``router.metrics.WorkerMetrics``: metrics, autoscaling)."""
+
+    def observe(self, stats) -> None: ...  # an EngineStats, every routing stats period
+
+    def request_done(self, request: dict, ttft_s: float | None, duration_s: float, tokens: int) -> None: ...
+
+    def autoscaling_stats(self, waiting: int) -> dict[str, float]: ...
+
+
 class WorkerServer:
     """A Serve replica's body; ``router/app.py`` turns it into a deployment."""
 
-    def __init__(self, spec: WorkerSpec, engine_factory: Callable[[WorkerSpec], Engine] = build_engine):
+    def __init__(self, spec: WorkerSpec, engine_factory: Callable[[WorkerSpec], Engine] = build_engine,
+                 observer: WorkerObserver | None = None):
         self.spec = spec
         self.engine = AsyncEngine(engine_factory(spec))
         self.num_layers = self.engine.engine.model.config.num_layers
+        self.observer = observer
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """Token events as dicts: {token_id, text, finish_reason}. A failure raises EngineFailure."""
         self._ensure_started()
+        arrived, first_at, tokens = time.monotonic(), None, 0
         stream = self.engine.submit(request_from_dict(request, self.num_layers))
         async for event in stream:
+            if first_at is None:
+                first_at = time.monotonic()
+            tokens += event.token_id is not None
             yield {"token_id": event.token_id, "text": event.text, "finish_reason": event.finish_reason}
+        if self.observer is not None:
+            self.observer.request_done(request, first_at - arrived if first_at is not None else None,
+                                       time.monotonic() - arrived, tokens)
 
     async def stats(self) -> dict:
         self._ensure_started()
@@ -111,7 +132,16 @@ class WorkerServer:
 
     def record_routing_stats(self) -> dict:
         """What the router needs of this replica's load, pushed by Serve every routing stats period."""
-        return routing_stats(self.engine.stats())
+        stats = self.engine.stats()
+        if self.observer is not None:
+            self.observer.observe(stats)
+        return routing_stats(stats)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """This replica's load and quality signals, pulled by Serve for the autoscaling policy (in-process path)."""
+        if self.observer is None:
+            return {}
+        return self.observer.autoscaling_stats(self.engine.stats().num_waiting)
 
     async def check_health(self) -> None:
         """Ray Serve calls this periodically; raising marks the replica unhealthy and replaces it."""

@@ -107,7 +107,7 @@ class SlaPolicy(_Base):
             w = min(range(len(fleet.views)), key=lambda i: _load(fleet.views[i].state))
             return Decision(None, request.placement, fleet.views[w].state.replica_id or None, None,
                             "placement forced by the request")
-        arrays = self.predictor.predict(request, fleet)
+        arrays = self._calibrated(self.predictor.predict(request, fleet))
         allowed = self._allowed(request, forced)
         usable = arrays["fits"] & allowed[:, None]
         if not usable.any():
@@ -163,16 +163,22 @@ class SlaPolicy(_Base):
                 best, best_time = (p, w), completion[p, w]
         return best
 
+    def _calibrated(self, arrays: dict) -> dict:
+        """Predictions scaled by the measured/predicted ratios of served requests (what is reported, too)."""
+        ttft, tpot = self.error["ttft"], self.error["tpot"]
+        if ttft == 1.0 and tpot == 1.0:
+            return arrays
+        decode = arrays["completion"] - arrays["ttft"]
+        scaled = dict(arrays, ttft=arrays["ttft"] * ttft, tpot=arrays["tpot"] * tpot,
+                      queue_wait=arrays["queue_wait"] * ttft)
+        scaled["completion"] = scaled["ttft"] + decode * tpot
+        return scaled
+
     def _meets(self, request: RoutingRequest, arrays) -> np.ndarray:
         ok = np.ones(arrays["ttft"].shape, dtype=bool)
-        ttft, tpot = self.error["ttft"], self.error["tpot"]
-        if request.ttft_ms is not None:
-            ok &= arrays["ttft"] * ttft <= self.margin * request.ttft_ms
-        if request.tpot_ms is not None:
-            ok &= arrays["tpot"] * tpot <= self.margin * request.tpot_ms
-        if request.deadline_ms is not None:
-            completion = arrays["ttft"] * ttft + (arrays["completion"] - arrays["ttft"]) * tpot
-            ok &= completion <= self.margin * request.deadline_ms
+        for budget, key in ((request.ttft_ms, "ttft"), (request.tpot_ms, "tpot"), (request.deadline_ms, "completion")):
+            if budget is not None:
+                ok &= arrays[key] <= self.margin * budget
         return ok
 
 

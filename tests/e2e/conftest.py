@@ -1,10 +1,12 @@
-"""One local Ray + Serve for the whole e2e run (RAY_AUTH_MODE=disabled), with three applications:
-the default one, one with API keys, and one with tiny queues for the overload path."""
+"""One local Ray + Serve for the whole e2e run (RAY_AUTH_MODE=disabled), with four applications:
+the default one, one with API keys, one with tiny queues for the overload path, and one routed by
+budget. Ray's metrics agent listens on ``ServeCluster.metrics_port`` (test_metrics.py scrapes it)."""
 
 from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -46,15 +48,34 @@ def routed_presets(checkpoint, folder):
                    {"name": "quick", "placement": faster, "quality": 0.8}]
 
 
+@dataclass(frozen=True)
+class ServeCluster:
+    url: str  # the Serve HTTP proxy
+    metrics_port: int  # Ray's metrics export port: every process's ray.util.metrics, at /metrics
+
+
 @pytest.fixture(scope="session")
-def serve_url(tiny_checkpoint, tmp_path_factory):
+def routed_tables(tiny_checkpoint, tmp_path_factory):
+    """(speed table path, presets) for budget routing on the tiny checkpoint."""
+    return routed_presets(tiny_checkpoint, tmp_path_factory.mktemp("tables"))
+
+
+@pytest.fixture(scope="session")
+def serve_url(serve_cluster):
+    return serve_cluster.url
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(tiny_checkpoint, tmp_path_factory, routed_tables):
     import ray
     from ray import serve
 
     from router.app import build_app
     from router.config import AppConfig
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    metrics_port = free_port()  # metrics exported every second (Ray's default: 10 s)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = {"model": {"checkpoint": str(tiny_checkpoint)}, "presets": PRESETS,
@@ -68,12 +89,12 @@ def serve_url(tiny_checkpoint, tmp_path_factory):
     small = {**base, "worker": {"cache_budget_bytes": 64 * 2**20, "max_ongoing_requests": 1,
                                 "max_queued_requests": 1, "max_running": 1}}
     serve.run(build_app(AppConfig.from_dict(small)), name="small", route_prefix="/small")
-    speed, presets = routed_presets(tiny_checkpoint, tmp_path_factory.mktemp("tables"))
+    speed, presets = routed_tables
     routed = {**base, "presets": presets, "tables": {"speed": str(speed)}, "routing": {"stats_period_s": 0.2},
               "ingress": {"model_name": "tiny"}}
     serve.run(build_app(AppConfig.from_dict(routed)), name="routed", route_prefix="/routed")
     url = f"http://127.0.0.1:{port}"
     assert httpx.get(f"{url}/health", timeout=30).status_code == 200
-    yield url
+    yield ServeCluster(url, metrics_port)
     serve.shutdown()
     ray.shutdown()

@@ -145,6 +145,8 @@ def test_dashboard_configmaps(tmp_path):
     """A dashboard in the chart becomes a ConfigMap with the sidecar's label, its bytes unchanged."""
     chart = tmp_path / "supernet-router"
     shutil.copytree(CHART, chart)
+    for existing in (chart / "dashboards").glob("*.json"):  # only the sample below
+        existing.unlink()
     dashboard = '{\n  "title": "Supernet <router> & \\"SLA\\"",\n  "panels": []\n}\n'
     (chart / "dashboards" / "Supernet_Overview.json").write_text(dashboard)
     configmaps = [d for d in render({"monitoring": {"dashboards": {"folder": "LLM"}}}, chart=chart)

@@ -1,0 +1,160 @@
+"""The autoscaling decision: windowed load and quality signals -> the desired number of worker replicas.
+
+Pure: no torch, no Ray, no clock (the time comes in with the signals). ``router/autoscaling.py``
+reads the signals (Prometheus, or the replicas' own stats) and hands the answer to Ray Serve.
+
+Degrade before scaling. Under a burst the router serves faster presets, so latency budgets keep
+being met and the cost shows up as *quality debt*: the share of requests downgraded because of
+load. The decision, each evaluation:
+
+1. ``pressure`` (max over the hard signals of measured / target: SLA misses against the allowed
+   share, p90 TTFT and TPOT against their budgets, queue wait against its target) above 1 means
+   degrading did not absorb the load: scale up at once, by up to ``max_scale_up_factor``
+   (``sla-pressure``);
+2. quality debt above ``quality_debt_budget``: absorbed (``burst-absorbed``) until it has lasted
+   ``debt_grace_s``, then one more replica (``quality-debt``), and the clock restarts;
+3. calm (pressure and debt under ``calm_fraction`` of their thresholds, and the utilisation the
+   remaining replicas would see under ``utilisation_low``) held for ``downscale_stable_s``:
+   one replica fewer (``scale-down``), and the calm clock restarts;
+4. otherwise hold (``steady``). Scale-ups wait ``upscale_cooldown_s`` after any change.
+
+Hysteresis is the gap between 1 (up) and ``calm_fraction`` (down); together with the calm period,
+which any pressure resets, oscillating input cannot alternate the count up and down.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from policies.errors import ConfigError
+
+# Every reason decide() can return (a short code: it is a metric label).
+REASONS = ("no-signals", "sla-pressure", "quality-debt", "burst-absorbed", "cooldown", "at-max-replicas",
+           "scale-down", "steady", "below-min-replicas", "above-max-replicas")
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """What the fleet looked like over the last window. None: no data (e.g. no traffic with a budget)."""
+
+    now_s: float  # seconds on any clock that does not go back
+    replicas: int  # the replica count in force now
+    sla_attainment: float | None = None  # share of latency budget checks met (0..1)
+    ttft_s: float | None = None  # p90 time to first token
+    tpot_s: float | None = None  # p90 time per output token
+    queue_wait_s: float | None = None  # mean wait in the workers' queues
+    quality_debt: float | None = None  # share of requests served a faster preset because of load (0..1)
+    utilisation: float | None = None  # mean busy share of a replica (0..1)
+
+    @property
+    def has_data(self) -> bool:
+        return any(v is not None for v in (self.sla_attainment, self.ttft_s, self.tpot_s, self.queue_wait_s,
+                                           self.quality_debt, self.utilisation))
+
+
+@dataclass(frozen=True, slots=True)
+class ScalingConfig:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    sla_target: float = 0.95  # share of budget checks that must be met
+    ttft_target_s: float | None = None  # p90 TTFT budget (None: not a signal)
+    tpot_target_s: float | None = None  # p90 TPOT budget (None: not a signal)
+    queue_wait_target_s: float | None = 1.0  # mean queue wait budget (None: not a signal)
+    quality_debt_budget: float = 0.2  # share of load downgrades tolerated
+    debt_grace_s: float = 120.0  # how long debt above budget is absorbed before a replica is added
+    utilisation_low: float = 0.5  # scale down only if the remaining replicas stay under this
+    calm_fraction: float = 0.5  # down-thresholds are this share of the up-thresholds (hysteresis)
+    upscale_cooldown_s: float = 30.0  # after any change, before the next scale-up
+    downscale_stable_s: float = 300.0  # calm this long (and this long after any change) to remove one
+    max_scale_up_factor: float = 2.0  # one scale-up multiplies the replicas by at most this
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_replicas <= self.max_replicas:
+            raise ConfigError(f"autoscaling needs 1 <= min_replicas ({self.min_replicas}) <= max_replicas "
+                              f"({self.max_replicas})")
+        if not 0 < self.sla_target <= 1:
+            raise ConfigError(f"sla_target must be in (0, 1], got {self.sla_target}")
+        for name in ("ttft_target_s", "tpot_target_s", "queue_wait_target_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if not 0 <= self.quality_debt_budget < 1:
+            raise ConfigError(f"quality_debt_budget must be in [0, 1), got {self.quality_debt_budget}")
+        if not 0 < self.utilisation_low <= 1 or not 0 < self.calm_fraction < 1:
+            raise ConfigError("utilisation_low must be in (0, 1] and calm_fraction in (0, 1)")
+        if min(self.debt_grace_s, self.upscale_cooldown_s, self.downscale_stable_s) < 0:
+            raise ConfigError("autoscaling periods must not be negative")
+        if self.max_scale_up_factor < 1:
+            raise ConfigError(f"max_scale_up_factor must be at least 1, got {self.max_scale_up_factor}")
+
+
+@dataclass(frozen=True, slots=True)
+class ScalingState:
+    """What decide() remembers between evaluations (plain numbers: it is stored as a dict by Serve)."""
+
+    debt_since: float | None = None  # quality debt above budget since then
+    calm_since: float | None = None  # calm since then
+    changed_at: float | None = None  # the last change decide() asked for
+
+
+def pressure(signals: Signals, config: ScalingConfig) -> float:
+    """Measured / target over the hard signals (0 when none has data); above 1 a budget is broken."""
+    ratios = [0.0]
+    if signals.sla_attainment is not None:
+        allowed = max(1.0 - config.sla_target, 1e-3)
+        ratios.append((1.0 - signals.sla_attainment) / allowed)
+    for value, target in ((signals.ttft_s, config.ttft_target_s), (signals.tpot_s, config.tpot_target_s),
+                          (signals.queue_wait_s, config.queue_wait_target_s)):
+        if value is not None and target is not None:
+            ratios.append(value / target)
+    return max(ratios)
+
+
+def _calm(signals: Signals, config: ScalingConfig, load: float, replicas: int) -> bool:
+    """Quality back, budgets comfortably met, and the replicas left after removing one lightly loaded."""
+    if signals.utilisation is None or replicas <= 1:
+        return False
+    debt = signals.quality_debt or 0.0
+    return (load <= config.calm_fraction and debt <= config.calm_fraction * config.quality_debt_budget
+            and signals.utilisation * replicas / (replicas - 1) <= config.utilisation_low)
+
+
+def decide(signals: Signals, state: ScalingState, config: ScalingConfig) -> tuple[int, ScalingState, str]:
+    """(desired replicas, new state, reason): see the module docstring for the rules."""
+    now, replicas = signals.now_s, signals.replicas
+    if replicas < config.min_replicas:
+        return config.min_replicas, replace(state, changed_at=now, calm_since=None), "below-min-replicas"
+    if replicas > config.max_replicas:
+        return config.max_replicas, replace(state, changed_at=now, calm_since=None), "above-max-replicas"
+    if not signals.has_data:  # e.g. the metrics source is down: change nothing, forget the clocks
+        return replicas, replace(state, debt_since=None, calm_since=None), "no-signals"
+
+    load = pressure(signals, config)
+    in_debt = (signals.quality_debt or 0.0) > config.quality_debt_budget
+    debt_since = (state.debt_since if state.debt_since is not None else now) if in_debt else None
+    calm = _calm(signals, config, load, replicas)
+    calm_since = (state.calm_since if state.calm_since is not None else now) if calm else None
+    held = ScalingState(debt_since, calm_since, state.changed_at)
+    cooling = state.changed_at is not None and now - state.changed_at < config.upscale_cooldown_s
+
+    wants_up = None
+    if load > 1:
+        wants_up = "sla-pressure"
+    elif in_debt and now - debt_since >= config.debt_grace_s:
+        wants_up = "quality-debt"
+    if wants_up is not None:
+        if replicas >= config.max_replicas:
+            return replicas, held, "at-max-replicas"
+        if cooling:
+            return replicas, held, "cooldown"
+        factor = min(load, config.max_scale_up_factor) if wants_up == "sla-pressure" else 1.0
+        target = min(max(math.ceil(replicas * factor), replicas + 1), config.max_replicas)
+        # the debt clock restarts: the next replica for debt needs another full grace period
+        return target, ScalingState(now if in_debt else None, None, now), wants_up
+    if in_debt:
+        return replicas, held, "burst-absorbed"
+    if (calm and replicas > config.min_replicas and now - calm_since >= config.downscale_stable_s
+            and (state.changed_at is None or now - state.changed_at >= config.downscale_stable_s)):
+        return replicas - 1, ScalingState(None, now, now), "scale-down"
+    return replicas, held, "steady"
