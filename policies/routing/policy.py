@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+from dataclasses import replace
 
 import numpy as np
 
@@ -107,7 +108,7 @@ class SlaPolicy(_Base):
             w = min(range(len(fleet.views)), key=lambda i: _load(fleet.views[i].state))
             return Decision(None, request.placement, fleet.views[w].state.replica_id or None, None,
                             "placement forced by the request")
-        arrays = self._calibrated(self.predictor.predict(request, fleet))
+        arrays = self.predictor.predict(request, fleet)
         allowed = self._allowed(request, forced)
         usable = arrays["fits"] & allowed[:, None]
         if not usable.any():
@@ -163,23 +164,28 @@ class SlaPolicy(_Base):
                 best, best_time = (p, w), completion[p, w]
         return best
 
-    def _calibrated(self, arrays: dict) -> dict:
-        """Predictions scaled by the measured/predicted ratios of served requests (what is reported, too)."""
-        ttft, tpot = self.error["ttft"], self.error["tpot"]
-        if ttft == 1.0 and tpot == 1.0:
-            return arrays
-        decode = arrays["completion"] - arrays["ttft"]
-        scaled = dict(arrays, ttft=arrays["ttft"] * ttft, tpot=arrays["tpot"] * tpot,
-                      queue_wait=arrays["queue_wait"] * ttft)
-        scaled["completion"] = scaled["ttft"] + decode * tpot
-        return scaled
-
     def _meets(self, request: RoutingRequest, arrays) -> np.ndarray:
+        """Budgets checked against calibrated predictions (the ratios of served requests, see ``observe``)."""
         ok = np.ones(arrays["ttft"].shape, dtype=bool)
-        for budget, key in ((request.ttft_ms, "ttft"), (request.tpot_ms, "tpot"), (request.deadline_ms, "completion")):
-            if budget is not None:
-                ok &= arrays[key] <= self.margin * budget
+        ttft, tpot = self.error["ttft"], self.error["tpot"]
+        if request.ttft_ms is not None:
+            ok &= arrays["ttft"] * ttft <= self.margin * request.ttft_ms
+        if request.tpot_ms is not None:
+            ok &= arrays["tpot"] * tpot <= self.margin * request.tpot_ms
+        if request.deadline_ms is not None:
+            completion = arrays["ttft"] * ttft + (arrays["completion"] - arrays["ttft"]) * tpot
+            ok &= completion <= self.margin * request.deadline_ms
         return ok
+
+    def _decision(self, p: int, w: int, fleet: Fleet, arrays, reason: str, **flags) -> Decision:
+        """As reported to the client: calibrated like the budget check, so headers and choices agree."""
+        decision = super()._decision(p, w, fleet, arrays, reason, **flags)
+        ttft, tpot = self.error["ttft"], self.error["tpot"]
+        raw = decision.prediction
+        decode = raw.completion_ms - raw.ttft_ms
+        prediction = Prediction(raw.queue_wait_ms * ttft, raw.ttft_ms * ttft, raw.tpot_ms * tpot,
+                                raw.ttft_ms * ttft + decode * tpot, raw.quality, raw.extrapolated)
+        return replace(decision, prediction=prediction)
 
 
 class Baseline(_Base):
