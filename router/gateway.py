@@ -47,6 +47,7 @@ class Prepared:
     replica_id: str | None = None
     sla: Sla | None = None  # the request's budgets (metrics count them met or missed)
     downgrade: str | None = None  # why a faster preset than the best was chosen: "budget", "load" or None
+    raw_prediction: Prediction | None = None  # the policy's uncalibrated prediction (for its calibration)
 
     @property
     def preset_label(self) -> str:
@@ -127,11 +128,11 @@ class Gateway:
                            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                            f"context of {self.max_context} tokens: shorten the prompt or lower max_tokens",
                            "max_tokens" if max_tokens > self.max_context // 2 else "prompt")
-        placement, routing, replica, downgrade = self.choose(body, sla, len(prompt_ids), max_tokens)
+        placement, routing, replica, downgrade, *raw = self.choose(body, sla, len(prompt_ids), max_tokens)
         params = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
                   "top_k": body.top_k, "seed": body.seed, "stop": list(body.stop or [])}
         prepared = Prepared(uuid.uuid4().hex, prompt_ids, placement, routing, params, body.model, started, replica,
-                            sla, downgrade)
+                            sla, downgrade, raw[0] if raw else None)
         if self.routing is not None:
             self.routing.dispatched(replica, prepared.request_id)
         return prepared
@@ -139,14 +140,12 @@ class Gateway:
     def served(self, prepared: Prepared, first_at: float | None, tokens: int) -> None:
         """A request ended well: its measured TTFT and TPOT calibrate the policy's later predictions."""
         policy = self.routing.policy if self.routing is not None else None
-        routing = prepared.routing
-        if not hasattr(policy, "observe") or first_at is None or routing.predicted_ttft_ms is None:
+        if not hasattr(policy, "observe") or first_at is None or prepared.raw_prediction is None:
             return
         now = time.monotonic()
         ttft_ms = 1000 * (first_at - prepared.started)
         tpot_ms = 1000 * (now - first_at) / (tokens - 1) if tokens > 1 else None
-        policy.observe(Prediction(0.0, routing.predicted_ttft_ms, routing.predicted_tpot_ms, 0.0,
-                                  routing.predicted_quality or 0.0), ttft_ms, tpot_ms)
+        policy.observe(prepared.raw_prediction, ttft_ms, tpot_ms)
 
     def done(self, prepared: Prepared) -> None:
         if self.routing is not None:
@@ -169,8 +168,8 @@ class Gateway:
         return Sla(**values) if any(v is not None for v in values.values()) else None
 
     def choose(self, body, sla: Sla | None, prompt_tokens: int, max_tokens: int):
-        """(placement, routing, replica id, downgrade reason): the routing policy's decision, or forced /
-        default without tables."""
+        """(placement, routing, replica id, downgrade reason[, raw prediction]): the routing policy's decision,
+        or forced / default without tables."""
         if body.model != self.model_id and body.model not in self.presets:
             raise ApiError(404, "model_not_found", f"unknown model {body.model!r}: use {self.model_id!r} or a "
                                                    f"preset ({', '.join(self.presets) or 'none'})", "model")
@@ -218,7 +217,7 @@ class Gateway:
                           reason=decision.reason, sla_at_risk=decision.sla_at_risk)
         downgrade = (downgrade_reason(decision, request, self.best_quality, self._idle_policy)
                      if self._idle_policy is not None else None)
-        return decision.placement, routing, decision.replica_id, downgrade
+        return decision.placement, routing, decision.replica_id, downgrade, decision.raw_prediction
 
     def _routing(self, name: str | None, placement: Placement, reason: str) -> Routing:
         quality = self.presets[name].quality if name is not None else None

@@ -95,7 +95,8 @@ class SlaPolicy(_Base):
     def observe(self, prediction: Prediction, ttft_ms: float, tpot_ms: float | None, weight: float = 0.05) -> None:
         """Online calibration from a finished request: a request's TTFT and TPOT also depend on the load that
         arrives after it was placed, which no snapshot shows; their measured/predicted ratios scale later
-        predictions (bounded, so one outlier cannot swing them)."""
+        predictions (bounded, so one outlier cannot swing them). ``prediction``: the decision's
+        ``raw_prediction`` (uncalibrated)."""
         for key, measured, predicted in (("ttft", ttft_ms, prediction.ttft_ms), ("tpot", tpot_ms, prediction.tpot_ms)):
             if measured is not None and predicted > 0:
                 ratio = min(max(measured / predicted, 0.5), 4.0)
@@ -185,7 +186,7 @@ class SlaPolicy(_Base):
         decode = raw.completion_ms - raw.ttft_ms
         prediction = Prediction(raw.queue_wait_ms * ttft, raw.ttft_ms * ttft, raw.tpot_ms * tpot,
                                 raw.ttft_ms * ttft + decode * tpot, raw.quality, raw.extrapolated)
-        return replace(decision, prediction=prediction)
+        return replace(decision, prediction=prediction, raw_prediction=raw)
 
 
 class Baseline(_Base):

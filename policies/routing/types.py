@@ -86,3 +86,4 @@ class Decision:
     shed: bool = False
     sla_at_risk: bool = False
     details: tuple[str, ...] = field(default=())
+    raw_prediction: Prediction | None = None  # before calibration: what measurements are compared with
