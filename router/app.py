@@ -40,7 +40,8 @@ def build_app(config: AppConfig) -> Application:
             request_routing_stats_timeout_s=max(1.0, config.routing.stats_period_s),
         ),
     )
-    ingress = Ingress.options(num_replicas=config.ingress.num_replicas)
+    ingress = Ingress.options(num_replicas=config.ingress.num_replicas,
+                              max_ongoing_requests=config.ingress.max_ongoing_requests)
     observer = WorkerMetrics({model.placement(p.placement).code: p.name for p in config.presets},
                              enabled=config.metrics.enabled, window_s=scaling.window_s)
     return ingress.bind(worker_deployment.bind(spec, observer=observer), config.model_dump(), checkpoint)

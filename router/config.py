@@ -56,6 +56,8 @@ class WorkerSettings(_Strict):
 
 class IngressSettings(_Strict):
     num_replicas: int = Field(1, ge=1, description="Ingress (HTTP) replicas.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests one ingress replica handles at once "
+                                                             "(Ray Serve's default of 5 would queue streams).")
     max_body_bytes: int = Field(1 * 2**20, ge=1024, description="Largest request body accepted (413 beyond).")
     max_tokens_default: int = Field(128, ge=1, description="max_tokens when a request gives none.")
     api_keys_file: str | None = Field(None, description="File with one API key per line; keys enable auth.")
