@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from policies.errors import InvalidRequest, SupernetError
+from policies.jsonl import jsonl_objects
 from router import bench_cli, toolkit_cli
 
 log = logging.getLogger("supernet_router")
@@ -156,19 +157,11 @@ def run_serve(args) -> int:
 
 def read_requests(path: Path) -> list[dict]:
     try:
-        lines = path.read_text().splitlines()
+        text = path.read_text()
     except OSError as exc:
         raise InvalidRequest(f"{path}: cannot read ({exc.strerror})") from None
     requests = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-            raise InvalidRequest(f'{path}:{number}: each line must be an object with a "prompt" string')
+    for number, entry in jsonl_objects(path, text, "prompt"):
         max_tokens = entry.get("max_tokens")
         if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
             raise InvalidRequest(f"{path}:{number}: max_tokens must be a positive integer, got {max_tokens!r}")

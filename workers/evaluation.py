@@ -17,7 +17,6 @@ what is already scored and a larger N scores only the new placements.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from policies.errors import ConfigError, InvalidRequest, TableMismatch
+from policies.errors import ConfigError, TableMismatch
+from policies.jsonl import jsonl_objects
 from policies.placement import MIXERS, Placement
 from policies.tables import DataFingerprint, Fingerprint, QualityFile, QualityResult, read_table, write_table
 from workers.model.batch import ForwardBatch
@@ -65,18 +65,7 @@ def read_texts(path: Path) -> list[str]:
         raise ConfigError(f"{path}: cannot read as UTF-8 text ({exc})") from None
     if path.suffix != ".jsonl":
         return [raw]
-    texts = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InvalidRequest(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("text"), str):
-            raise InvalidRequest(f'{path}:{number}: each line must be an object with a "text" string')
-        texts.append(entry["text"])
-    return texts
+    return [entry["text"] for _, entry in jsonl_objects(path, raw, "text")]
 
 
 def make_windows(documents: Sequence[Sequence[int]], context: int, max_tokens: int | None = None) -> list[list[int]]:
