@@ -95,6 +95,8 @@ class Scorer:
 
     def __init__(self, model: SupernetLM, windows: list[list[int]], batch_windows: int = 8):
         self.model = model
+        # Longest first: full-length windows share chunks, which the mixers run as dense blocks.
+        windows = sorted(windows, key=len, reverse=True)
         self.chunks = [windows[i:i + batch_windows] for i in range(0, len(windows), batch_windows)]
         self.targets = []  # per chunk: (flat index of each predicting token, the token it predicts)
         for chunk in self.chunks:

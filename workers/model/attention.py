@@ -16,6 +16,7 @@ from workers.model.batch import RowGroup
 from workers.model.cache import KVCache, RingKVCache
 from workers.model.config import AttentionConfig
 from workers.model.layers import Rotary
+from workers.model.recurrent import equal_fresh_rows
 
 
 class Attention(nn.Module):
@@ -44,6 +45,10 @@ class Attention(nn.Module):
         cos, sin = self.rotary.cos_sin(group.positions, x.dtype)
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
 
+        length = equal_fresh_rows(group)
+        if length is not None:
+            out = self._attend_block(q, k, v, len(group.rows), length)
+            return self.o_proj(out.reshape(tokens, self.heads * self.head_size))
         out = torch.empty_like(q)
         for r, row in enumerate(group.rows):
             span = slice(row.offset, row.offset + row.length)
@@ -54,6 +59,18 @@ class Attention(nn.Module):
                 keys, values, key_positions = group.caches[r].extend(k[span], v[span], row.start)
             out[span] = self._attend(q[span], keys, values, query_positions, key_positions)
         return self.o_proj(out.reshape(tokens, self.heads * self.head_size))
+
+    def _attend_block(self, q, k, v, rows: int, length: int) -> torch.Tensor:
+        """Rows of equal length from position 0, no cache: one batched causal (or banded) SDPA call."""
+        q, k, v = (x.view(rows, length, -1, self.head_size).transpose(1, 2) for x in (q, k, v))
+        mask = None
+        if self.window is not None and length > self.window:
+            position = torch.arange(length, device=q.device)
+            offset = position[:, None] - position[None, :]
+            mask = (offset >= 0) & (offset < self.window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+                                             enable_gqa=self.heads != self.kv_heads)
+        return out.transpose(1, 2).reshape(rows * length, self.heads, self.head_size)
 
     def _attend(self, q, keys, values, query_positions, key_positions) -> torch.Tensor:
         """One row: q [n, H, d] over keys/values [m, KVH, d] -> [n, H, d]."""

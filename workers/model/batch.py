@@ -72,6 +72,12 @@ class ForwardBatch:
         flat = torch.tensor([t for tokens in sequences for t in tokens], dtype=torch.long, device=device)
         return cls(flat, rows, placements, caches)
 
+    @classmethod
+    def dense(cls, token_ids: torch.Tensor, placements: Sequence[Placement]) -> "ForwardBatch":
+        """Equal-length rows from position 0 without caches (training, scoring): ``token_ids`` [rows, length]."""
+        rows, length = token_ids.shape
+        return cls(token_ids.reshape(-1), [Row(r * length, length, 0) for r in range(rows)], placements, None)
+
     @property
     def num_tokens(self) -> int:
         return self.token_ids.shape[0]

@@ -7,9 +7,11 @@ The delta rule, per head, with state S [dk, dv] in fp32:
     S = S + k u^T
     o = S^T (q * dk^-0.5)     (reads the state after the write)
 
-with q and k L2-normalised. On a CPU this runs as a plain-torch loop over
-tokens; on CUDA, fla's kernels run instead (``kernels.py``), chunked for
-prefill and fused-recurrent for decode.
+with q and k L2-normalised. On a CPU, decode steps run the recurrence as
+written and prefill runs its chunked form (the same sums regrouped into a few
+matrix products per chunk, differentiable for training); on CUDA, fla's
+kernels run instead (``kernels.py``), chunked for prefill and fused-recurrent
+for decode.
 """
 
 from __future__ import annotations
@@ -38,6 +40,59 @@ def recurrent_delta_rule(q, k, v, g, beta, state, scale: float):
     return out, state
 
 
+def chunked_delta_rule(q, k, v, g, beta, state, scale: float, chunk: int = 32):
+    """The gated delta rule of ``recurrent_delta_rule``, a chunk of tokens at a time (same shapes and result).
+
+    Within a chunk that starts from state S0, with G_t = exp(cumulative g up to t) and
+    D_ts = G_t / G_s (s <= t, never above 1, so nothing overflows):
+
+        u_t = beta_t (v_t - S0^T (G_t k_t) - sum_{s<t} (k_t . D_ts k_s) u_s)    a unit lower-triangular solve
+        o_t = S0^T (G_t q_t) + sum_{s<=t} (q_t . D_ts k_s) u_s
+        S   = G_last S0 + sum_s (D_last,s k_s) u_s^T
+    """
+    per_channel = g.dim() == 4
+    if not per_channel:
+        g = g[..., None]  # one decay per head: broadcast over the key channels
+    q, k, v, g, beta = (x.transpose(1, 2) for x in (q * scale, k, v, g, beta))  # [N, H, T, ...]
+    tokens = q.shape[2]
+    outputs = []
+    for start in range(0, tokens, chunk):
+        span = slice(start, min(start + chunk, tokens))
+        qc, kc, vc, bc = q[:, :, span], k[:, :, span], v[:, :, span], beta[:, :, span]
+        gc = g[:, :, span].cumsum(2)  # [N, H, C, dk or 1]
+        size = qc.shape[2]
+        causal = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+        # log D_ts for s <= t, -inf above the diagonal (exp gives 0 there)
+        log_decay = torch.where(causal[:, :, None], gc[:, :, :, None, :] - gc[:, :, None, :, :], float("-inf"))
+        if per_channel:
+            decay = log_decay.exp()  # [N, H, C, C, dk]
+            kk = torch.einsum("nhtc,nhsc,nhtsc->nhts", kc, kc, decay)
+            qk = torch.einsum("nhtc,nhsc,nhtsc->nhts", qc, kc, decay)
+        else:
+            decay = log_decay[..., 0].exp()  # [N, H, C, C]
+            kk = (kc @ kc.transpose(-1, -2)) * decay
+            qk = (qc @ kc.transpose(-1, -2)) * decay
+        grow = gc.exp()
+        rhs = bc[..., None] * (vc - (kc * grow) @ state)
+        system = bc[..., None] * kk.tril(-1) + torch.eye(size, dtype=q.dtype, device=q.device)
+        u = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+        outputs.append((qc * grow) @ state + qk @ u)
+        last = gc[:, :, -1:]  # [N, H, 1, dk or 1]
+        state = last.exp().transpose(-1, -2) * state + (kc * (last - gc).exp()).transpose(-1, -2) @ u
+    return torch.cat(outputs, dim=2).transpose(1, 2), state
+
+
+def equal_fresh_rows(group: RowGroup) -> int | None:
+    """The common row length when every row starts at 0 without a cache (training, scoring), else None.
+
+    Such a group is a dense [rows, length] block: the mixers run it batched, with no per-row loop.
+    """
+    if group.caches is not None:
+        return None
+    length = group.rows[0].length
+    return length if all(row.length == length for row in group.rows) else None
+
+
 def causal_conv(conv: DepthwiseConv, x: torch.Tensor, group: RowGroup, slot: int) -> torch.Tensor:
     """Run ``conv`` over each row's new tokens ``x`` [T, C], continuing from its cached history ``slot``."""
     history_shape = (conv.kernel - 1, x.shape[-1])
@@ -51,6 +106,10 @@ def causal_conv(conv: DepthwiseConv, x: torch.Tensor, group: RowGroup, slot: int
             for cache, h in zip(group.caches, new_history):
                 cache.conv[slot].copy_(h)
         return out[:, 0]
+    length = equal_fresh_rows(group)
+    if length is not None:
+        rows = x.view(len(group.rows), length, x.shape[-1])
+        return conv(rows, x.new_zeros(len(group.rows), *history_shape))[0].reshape(x.shape)
     out = torch.empty_like(x)
     for r, row in enumerate(group.rows):
         span = slice(row.offset, row.offset + row.length)
@@ -80,15 +139,21 @@ def delta_rule(q, k, v, g, beta, group: RowGroup, kernels=None) -> torch.Tensor:
     else:
         q, k = l2_normalize(q.float()), l2_normalize(k.float())
         v, g, beta = v.float(), g.float(), beta.float()
+        length = equal_fresh_rows(group)
         if group.is_decode:
             out, final = recurrent_delta_rule(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], states, scale)
             out = out[:, 0]
+        elif length is not None:
+            rows = len(group.rows)
+            out, final = chunked_delta_rule(*(x.reshape(rows, length, *x.shape[1:]) for x in (q, k, v, g, beta)),
+                                            states, scale)
+            out = out.reshape(-1, heads, dv)
         else:
             out = q.new_empty(q.shape[0], heads, dv)
             finals = []
             for r, row in enumerate(group.rows):
                 span = slice(row.offset, row.offset + row.length)
-                o, s = recurrent_delta_rule(q[span][None], k[span][None], v[span][None], g[span][None],
+                o, s = chunked_delta_rule(q[span][None], k[span][None], v[span][None], g[span][None],
                                             beta[span][None], states[r:r + 1], scale)
                 out[span] = o[0]
                 finals.append(s)
