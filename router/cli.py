@@ -14,7 +14,7 @@ from pathlib import Path
 
 from policies.errors import InvalidRequest, SupernetError
 from policies.jsonl import jsonl_objects
-from router import bench_cli, toolkit_cli
+from router import bench_cli, toolkit_cli, train_cli
 
 log = logging.getLogger("supernet_router")
 
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.add_argument("--window", type=int, default=16, help="sliding-window size (default 16, so short tests cross it)")
     tiny.set_defaults(run=run_checkpoint_tiny)
+    path = checkpoint_commands.add_parser("path", help="print the folder of the embedded default checkpoint")
+    path.set_defaults(run=run_checkpoint_path)
 
     generate = commands.add_parser("generate", help="generate text with one placement per request")
     generate.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder")
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     toolkit_cli.register(commands)  # profile, evaluate, fit, frontier
     bench_cli.register(commands)  # bench engine
+    train_cli.register(commands)  # train teacher, train supernet
     return parser
 
 
@@ -84,6 +87,13 @@ def run_checkpoint_tiny(args) -> int:
         raise InvalidRequest(f"--window must be at least 1, got {args.window}")
     out = make_tiny_checkpoint(args.out, num_layers=args.layers, seed=args.seed, window_size=args.window)
     print(out)
+    return 0
+
+
+def run_checkpoint_path(args) -> int:
+    from router.defaults import default_checkpoint
+
+    print(default_checkpoint())
     return 0
 
 

@@ -124,11 +124,18 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", d
     return model
 
 
-def save_checkpoint(model: SupernetLM, directory: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
-    """Write config.json, model.safetensors and (copied from ``tokenizer_dir``) the tokenizer files."""
+def save_checkpoint(model: SupernetLM, directory: str | Path, tokenizer_dir: str | Path | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write config.json, model.safetensors and (copied from ``tokenizer_dir``) the tokenizer files.
+
+    ``dtype`` converts floating tensors on the way out, except the fp32 gate parameters.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v if k.endswith(FP32_PARAMETERS) or not v.is_floating_point() else v.to(dtype).contiguous()
+                 for k, v in state.items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     (directory / "config.json").write_text(json.dumps(model.config.raw, indent=2) + "\n")
     if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != directory.resolve():

@@ -1,0 +1,1 @@
+"""Training the small supernet: a corpus, an all-attention teacher, and stochastic distillation into the supernet."""
