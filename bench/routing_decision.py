@@ -22,16 +22,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policies.cost import SpeedModel  # noqa: E402
-from policies.memory import AttentionShape, CacheMemoryModel, DeltaRuleShape  # noqa: E402
 from policies.placement import MIXERS, Mixer, Placement  # noqa: E402
-from policies.roofline import roofline_speed_dict  # noqa: E402
+from policies.roofline import roofline_speed_dict, super_apriel_memory  # noqa: E402
 from policies.routing import PresetInfo, RoutingRequest, SlaPolicy  # noqa: E402
 from policies.routing.predict import Predictor  # noqa: E402
 from policies.routing.types import RunningRow, WorkerState  # noqa: E402
 from policies.tables import SpeedFile  # noqa: E402
 
-LAYER = {Mixer.ATTENTION: AttentionShape(8, 128), Mixer.SLIDING_WINDOW: AttentionShape(8, 128, 4096),
-         Mixer.GDN: DeltaRuleShape(32, 128, 128, 6144, 4), Mixer.KDA: DeltaRuleShape(32, 128, 128, 12288, 4)}
 
 
 def main() -> None:
@@ -42,7 +39,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
-    memory = CacheMemoryModel((LAYER,) * 48, 2, 4)
+    memory = super_apriel_memory(48)
     speed = SpeedModel.from_file(SpeedFile.model_validate(roofline_speed_dict(memory)))
     presets = [PresetInfo("p0", Placement.uniform("attention", 48), 1.0)]
     for i in range(1, args.presets):

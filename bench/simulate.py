@@ -23,17 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from policies.memory import AttentionShape, CacheMemoryModel, DeltaRuleShape  # noqa: E402
 from policies.placement import Mixer, Placement  # noqa: E402
 from policies.published import PUBLISHED_PRESETS  # noqa: E402
-from policies.roofline import roofline_speed_dict  # noqa: E402
+from policies.roofline import roofline_speed_dict, super_apriel_memory  # noqa: E402
 from policies.routing import PresetInfo, RoutingRequest, build_policy  # noqa: E402
 from policies.routing.predict import Predictor  # noqa: E402
 from policies.tables import SpeedFile, read_speed_model  # noqa: E402
 from simcore import SimReplica, SimRequest  # noqa: E402
 
-LAYER = {Mixer.ATTENTION: AttentionShape(8, 128), Mixer.SLIDING_WINDOW: AttentionShape(8, 128, 4096),
-         Mixer.GDN: DeltaRuleShape(32, 128, 128, 6144, 4), Mixer.KDA: DeltaRuleShape(32, 128, 128, 12288, 4)}
 CLASSES = [  # share, prompt range, max_tokens, ttft_ms, tpot_ms, deadline_ms, priority
     ("chat", 0.45, (500, 4000), 256, 2000, 60, None, 0),
     ("long-context", 0.25, (16000, 32000), 256, 10000, 80, None, 0),
@@ -122,7 +119,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/simulation-sweep.json"))
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    memory = CacheMemoryModel((LAYER,) * 48, 2, 4)
+    memory = super_apriel_memory(48)
     speed = read_speed_model(args.speed) if args.speed else None
     if speed is None:
         from policies.cost import SpeedModel

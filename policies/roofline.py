@@ -14,7 +14,7 @@ Per layer and step, for a group of B rows at context c (bf16 weights and KV, fp3
 
 from __future__ import annotations
 
-from policies.memory import AttentionShape, CacheMemoryModel
+from policies.memory import AttentionShape, CacheMemoryModel, DeltaRuleShape
 from policies.placement import MIXERS, Mixer
 
 H100 = {"name": "NVIDIA H100 80GB HBM3", "bandwidth": 3.0e12, "flops": 7.0e14}  # achievable, not peak
@@ -23,6 +23,20 @@ SUPER_APRIEL_15B = {
     "heads": 32, "kv_heads": 8, "head_size": 128, "window": 4096,
     "gdn_key_heads": 8, "gdn_value_heads": 32, "gdn_dim": 128, "kda_heads": 32, "kda_dim": 128,
 }
+
+
+def super_apriel_memory(num_layers: int = 48, shape: dict = SUPER_APRIEL_15B) -> CacheMemoryModel:
+    """Cache shapes of ``num_layers`` Super Apriel 15B layers (bf16 KV, fp32 recurrent states)."""
+    attention = AttentionShape(shape["kv_heads"], shape["head_size"])
+    gdn_conv = 2 * shape["gdn_key_heads"] * shape["gdn_dim"] + shape["gdn_value_heads"] * shape["gdn_dim"]
+    layer = {
+        Mixer.ATTENTION: attention,
+        Mixer.SLIDING_WINDOW: AttentionShape(shape["kv_heads"], shape["head_size"], shape["window"]),
+        Mixer.GDN: DeltaRuleShape(shape["gdn_value_heads"], shape["gdn_dim"], shape["gdn_dim"], gdn_conv, 4),
+        Mixer.KDA: DeltaRuleShape(shape["kda_heads"], shape["kda_dim"], shape["kda_dim"],
+                                  3 * shape["kda_heads"] * shape["kda_dim"], 4),
+    }
+    return CacheMemoryModel((layer,) * num_layers, 2, 4)
 
 
 def mixer_params(shape: dict) -> dict[Mixer, float]:

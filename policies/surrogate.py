@@ -260,6 +260,7 @@ class HeldOutScore:
     spearman: float
     r2: float
     num_samples: int
+    rmse: float = float("nan")  # root mean squared error of the predicted scores
 
 
 def evaluate(model: ClusterExpansion, placements: PlacementsLike, scores: Sequence[float]) -> HeldOutScore:
@@ -271,7 +272,8 @@ def evaluate(model: ClusterExpansion, placements: PlacementsLike, scores: Sequen
     residual = ((truth - predicted) ** 2).sum()
     total = ((truth - truth.mean()) ** 2).sum()
     r2 = 1.0 - residual / total if total > 0 else float("nan")
-    return HeldOutScore(spearman(truth, predicted), float(r2), len(truth))
+    rmse = float(np.sqrt(residual / truth.size)) if truth.size else float("nan")
+    return HeldOutScore(spearman(truth, predicted), float(r2), len(truth), rmse)
 
 
 def average_ranks(values: Sequence[float] | np.ndarray) -> np.ndarray:

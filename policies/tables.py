@@ -161,6 +161,8 @@ class HoldoutReport(_Model):
     num_test: int = Field(ge=0, description="held-out placements")
     spearman: float | None = Field(description="held-out Spearman rank correlation; null without a test set")
     r2: float | None = Field(description="held-out coefficient of determination; null without a test set")
+    rmse: float | None = Field(None, description="held-out root mean squared error of the predicted mean "
+                                                 "log-likelihood (nats/token); null without a test set")
 
 
 class SurrogateBody(_Model):

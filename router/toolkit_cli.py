@@ -160,18 +160,19 @@ def run_fit(args) -> int:
         raise ConfigError(f"{args.quality}: {len(codes)} placements leave {len(train)} to fit on; need at least 5 "
                           "(score more with `evaluate`, or lower --holdout)")
     surrogate = ClusterExpansion.fit([codes[i] for i in train], scores[train], max_range=args.max_range, seed=args.seed)
-    spearman = r2 = None
+    spearman = r2 = rmse = None
     if len(test):
         held = evaluate(surrogate, [codes[i] for i in test], scores[test])
-        spearman, r2 = (None if np.isnan(v) else float(v) for v in (held.spearman, held.r2))
+        spearman, r2, rmse = (None if np.isnan(v) else float(v) for v in (held.spearman, held.r2, held.rmse))
     report = HoldoutReport(fraction=args.holdout, seed=args.seed, num_train=len(train), num_test=len(test),
-                           spearman=spearman, r2=r2)
+                           spearman=spearman, r2=r2, rmse=rmse)
     write_table(args.out, SurrogateFile(
         format="supernet-router/surrogate-fit", version=1, fingerprint=quality.fingerprint,
         quality_sha256=hashlib.sha256(args.quality.read_bytes()).hexdigest(), holdout=report,
         surrogate=SurrogateBody.model_validate(surrogate.to_dict())))
     shown = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    print(f"held-out ({len(test)} of {len(codes)} placements): spearman {shown(spearman)}, r2 {shown(r2)}; "
+    print(f"held-out ({len(test)} of {len(codes)} placements): spearman {shown(spearman)}, r2 {shown(r2)}, "
+          f"rmse {shown(rmse)} nats/token; "
           f"ridge alpha {surrogate.ridge_alpha:.3g} -> {args.out}")
     return 0
 
