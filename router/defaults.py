@@ -1,75 +1,79 @@
-"""The embedded default: the small checkpoint with a speed table and preset qualities measured on this machine.
+"""The embedded default: the small supernet trained here (docs/model.md), its presets, and a speed table of this CPU.
 
-Made on first use under SUPERNET_ROUTER_HOME (seconds on a CPU) and reused after:
-the checkpoint (``checkpoint tiny``), a CPU speed table (``profile``), and each
-preset's quality retention against all-attention, from the mean log-likelihood
-of held-out Python standard library text (``evaluate``).
+The checkpoint ships in the package (``router/assets/stdlib-supernet-8l``)
+with the tables made from it: held-out quality of sampled placements
+(``quality.json``), the fitted surrogate (``surrogate.json``), and presets
+spread along the exact frontier (``presets.json``, costed with a CPU speed
+table). What cannot ship is this machine's own speed: the router's
+predictions need it, so the first run profiles the checkpoint here (about a
+minute) and keeps the table under SUPERNET_ROUTER_HOME.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 
+from policies.errors import ConfigError
 from router.config import DEFAULT_HOME, AppConfig, PresetSettings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PRESETS = [  # name, placement, what it is for
-    ("quality", "AAAAAA", "all attention: the reference quality"),
-    ("balanced", "ASASGK", "attention and sliding window first"),
-    ("fast", "SGKGKG", "mostly linear-time mixers"),
-    ("fastest", "GGGGGG", "all Gated DeltaNet: constant memory per sequence"),
-]
-TOKENIZER_TEXT_BYTES = 3_000_000  # the tiny tokenizer trains on this prefix of the stdlib text
-HELD_OUT_BYTES = 200_000
+SHIPPED = Path(__file__).resolve().parent / "assets" / "stdlib-supernet-8l"
+# Frontier presets, cheapest first, as users see them; the baseline (all attention) is "quality".
+PRESET_NAMES = ("fastest", "fast", "balanced")
+
+
+def default_checkpoint() -> Path:
+    """The shipped checkpoint's folder (what ``supernet-router checkpoint path`` prints)."""
+    if not (SHIPPED / "model.safetensors").exists():
+        raise ConfigError(f"{SHIPPED}: the embedded checkpoint is missing from this installation "
+                          "(reinstall the package, or serve another one with --config)")
+    return SHIPPED
 
 
 def default_config(home: Path = DEFAULT_HOME) -> AppConfig:
-    folder = home / "checkpoints" / "tiny-6"
-    if not (folder / "config.json").exists():
-        from workers.model.tiny import make_tiny_checkpoint
-
-        log.warning("making the default checkpoint in %s (first run)", folder)
-        make_tiny_checkpoint(folder, num_layers=6, seed=0)
-    speed = folder / "speed-cpu.json"
+    folder = default_checkpoint()
+    speed = home / "speed" / f"{folder.name}-cpu.json"
     if not speed.exists():
         _profile(folder, speed)
-    qualities = _qualities(folder, folder / "preset-quality.json")
-    presets = [PresetSettings(name=n, placement=code, quality=qualities[code], description=d)
-               for n, code, d in DEFAULT_PRESETS]
+    presets = default_presets(folder / "presets.json")
     return AppConfig(model={"checkpoint": str(folder)}, presets=presets, tables={"speed": str(speed)})
+
+
+def default_presets(path: Path) -> list[PresetSettings]:
+    """The baseline as "quality" and the frontier presets as balanced / fast / fastest."""
+    from policies.tables import PresetsFile, read_table
+
+    table = read_table(path, PresetsFile)
+    point = table.operating_point
+    where = f"batch {point.batch}, context {point.context}" if point.batch else point.cost_model
+
+    def describe(entry, what: str) -> str:
+        return (f"{what}: {entry.placement}, predicted {entry.retention:.1%} of all-attention's per-token likelihood, "
+                f"{entry.speedup:.2f}x its decode speed on the CPU table at {where}")
+
+    presets = [PresetSettings(name="quality", placement=table.baseline.placement, quality=1.0,
+                              description=describe(table.baseline, "all attention, the reference"))]
+    # Only presets faster than the baseline are worth offering beside it.
+    cheapest_first = [p for p in table.presets if p.placement != table.baseline.placement and p.speedup > 1]
+    if len(cheapest_first) > len(PRESET_NAMES):  # the two ends and the middle
+        cheapest_first = [cheapest_first[0], cheapest_first[len(cheapest_first) // 2], cheapest_first[-1]]
+    names = PRESET_NAMES[:len(cheapest_first)] if len(cheapest_first) > 1 else ("fastest",)
+    for name, entry in reversed(list(zip(names, cheapest_first))):
+        presets.append(PresetSettings(name=name, placement=entry.placement, quality=round(entry.retention, 4),
+                                      description=describe(entry, entry.name)))
+    return presets
 
 
 def _profile(folder: Path, out: Path) -> None:
     from policies.tables import write_table
     from workers import profiling
 
-    log.warning("profiling the default checkpoint on this CPU (first run)")
+    log.warning("profiling the default checkpoint on this CPU (first run, about a minute) -> %s", out)
     device = profiling.resolve_device("cpu")
     grid = profiling.DEFAULT_GRIDS["cpu"]
     target = profiling.load_target(folder, None, device, profiling.resolve_dtype(None, device))
     table = profiling.profile(target, grid["batches"], grid["contexts"], grid["prefill_chunk"], progress=False)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_table(out, table)
-
-
-def _qualities(folder: Path, cache: Path) -> dict[str, float]:
-    """Retention exp(loglik - loglik_all_attention) per default placement, cached beside the checkpoint."""
-    if cache.exists():
-        return json.loads(cache.read_text())
-    from workers.evaluation import Scorer, make_windows
-    from workers.model.loader import load_checkpoint
-    from workers.model.tokenizer import Tokenizer, stdlib_texts
-
-    log.warning("scoring the default presets on held-out text (first run)")
-    model = load_checkpoint(folder)
-    tokenizer = Tokenizer.load(folder)
-    documents = [tokenizer.encode(t) for t in stdlib_texts(HELD_OUT_BYTES, skip_bytes=TOKENIZER_TEXT_BYTES)]
-    scorer = Scorer(model, make_windows(documents, 128, 8192))
-    loglik = {code: scorer(model.config.placement(code))[0] for _, code, _ in DEFAULT_PRESETS}
-    reference = loglik["A" * model.config.num_layers]
-    qualities = {code: round(math.exp(min(0.0, value - reference)), 4) for code, value in loglik.items()}
-    cache.write_text(json.dumps(qualities, indent=2) + "\n")
-    return qualities

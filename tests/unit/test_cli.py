@@ -75,3 +75,26 @@ def test_bad_requests_file_names_the_line(tiny_checkpoint, tmp_path):
 def test_missing_checkpoint_is_exit_2(tmp_path):
     result = run("generate", "--checkpoint", tmp_path / "none", "--prompt", "x", check=False)
     assert result.returncode == 2 and "no such checkpoint folder" in result.stderr
+
+
+def test_checkpoint_path_is_the_embedded_default():
+    folder = run("checkpoint", "path").stdout.strip()
+    from pathlib import Path
+
+    assert (Path(folder) / "config.json").exists() and (Path(folder) / "model.safetensors").exists()
+
+
+def test_train_smoke_and_bad_options(tmp_path):
+    """CI never trains for real: two steps of the tiny shape through the real command, then bad options."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
+    common = ["--corpus", corpus, "--steps", 2, "--batch-size", 2, "--seq-len", 16, "--device", "cpu"]
+    out = run("train", "teacher", "--out", tmp_path / "t", "--shape", "tiny", "--vocab-size", 300, *common).stdout
+    assert out.strip() == str(tmp_path / "t")
+    run("train", "supernet", "--teacher", tmp_path / "t", "--out", tmp_path / "s", "--window", 4, *common)
+    bad = run("train", "supernet", "--teacher", tmp_path / "nothing", "--out", tmp_path / "x", *common, check=False)
+    assert bad.returncode == 2 and "no config.json there (train one with `train teacher`)" in bad.stderr
+    bad = run("train", "teacher", "--out", tmp_path / "y", "--corpus", tmp_path / "missing", check=False)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "expected 'stdlib'" in bad.stderr

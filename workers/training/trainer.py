@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from workers.model.loader import load_checkpoint, save_checkpoint
 from workers.model.supernet import SupernetLM
 from workers.model.tiny import init_weights
 from workers.model.tokenizer import Tokenizer, train_bpe
-from workers.training.corpus import TokenStream, read_documents, split
+from workers.training.corpus import Document, TokenStream, read_documents, split
 from workers.training.shapes import SHAPES, supernet_config, supernet_config_from_teacher, teacher_config
 from workers.training.surgery import init_from_teacher
 
@@ -96,11 +97,11 @@ class TrainSettings:
 class Stage:
     """What differs between the two stages: the model, what trains, and the loss."""
 
-    def __init__(self, settings: TrainSettings, out: Path, device: torch.device):
+    def __init__(self, settings: TrainSettings, out: Path, device: torch.device, train_docs: list[Document]):
         self.settings, self.out, self.device = settings, out, device
         self.teacher: SupernetLM | None = None
         if settings.stage == "teacher":
-            self.tokenizer = _teacher_tokenizer(settings, out)
+            self.tokenizer = _teacher_tokenizer(settings, out, train_docs)
             shape = SHAPES[settings.shape]
             raw = teacher_config(supernet_config(shape, self.tokenizer.vocab_size, self.tokenizer.bos_token_id,
                                                  self.tokenizer.eos_token_id))
@@ -143,12 +144,11 @@ class Stage:
         return [Placement((m,) * self.num_layers) for m in MIXERS]
 
 
-def _teacher_tokenizer(settings: TrainSettings, out: Path) -> Tokenizer:
+def _teacher_tokenizer(settings: TrainSettings, out: Path, train: list[Document]) -> Tokenizer:
     """A BPE trained on the corpus's training split (reused when resuming)."""
     if (out / "tokenizer.json").exists():
         return Tokenizer.load(out)
     log.warning("training a %d-token BPE on the %s corpus", settings.vocab_size, settings.corpus)
-    train, _ = split(read_documents(settings.corpus))
     tokenizer = train_bpe((d.text for d in train), settings.vocab_size)
     tokenizer.save(out)
     return tokenizer
@@ -170,12 +170,13 @@ def train(settings: TrainSettings, out: str | Path, device: str = "cpu", progres
           stop_after: int | None = None) -> Path:
     """Train (or resume) a run in ``out``; returns the folder. ``stop_after`` ends early, as an interruption would."""
     settings.check()
+    train_docs, heldout_docs = split(read_documents(settings.corpus))  # a bad corpus fails before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     device = torch.device(device)
     saved = _read_state(out, settings)
-    stage = Stage(settings, out, device)
+    stage = Stage(settings, out, device, train_docs)
     model = stage.model
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
@@ -189,8 +190,6 @@ def train(settings: TrainSettings, out: str | Path, device: str = "cpu", progres
         step = saved["step"]
         log.warning("%s: resuming at step %d of %d", out, step, settings.steps)
 
-    documents = read_documents(settings.corpus)
-    train_docs, heldout_docs = split(documents)
     train_stream = TokenStream.encode(train_docs, stage.tokenizer)
     heldout_stream = TokenStream.encode(heldout_docs, stage.tokenizer)
     if len(train_stream.tokens) <= settings.seq_len + 1:
@@ -215,7 +214,8 @@ def train(settings: TrainSettings, out: str | Path, device: str = "cpu", progres
         losses = {p.code: round(heldout_loss(model, heldout, p), 5) for p in stage.eval_placements()}
         model.train()
         _append(log_file, {"step": step, "heldout": losses})
-        bar.write(f"step {step}: held-out loss " + ", ".join(f"{code} {value:.4f}" for code, value in losses.items()))
+        bar.write(f"step {step}: held-out loss " + ", ".join(f"{code} {value:.4f}" for code, value in losses.items()),
+                  file=sys.stderr)
 
     model.train()
     end = settings.steps if stop_after is None else min(settings.steps, stop_after)
@@ -255,7 +255,7 @@ def train(settings: TrainSettings, out: str | Path, device: str = "cpu", progres
                 save()
     except KeyboardInterrupt:
         save()
-        bar.write(f"interrupted at step {step}: saved; the same command resumes it")
+        bar.write(f"interrupted at step {step}: saved; the same command resumes it", file=sys.stderr)
         raise
     finally:
         bar.close()
