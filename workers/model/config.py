@@ -280,6 +280,31 @@ def _kind_name(kind) -> str:
     return " or ".join({int: "an integer", float: "a number", dict: "an object", list: "a list", str: "a string"}[k] for k in kinds)
 
 
+def stochastic_mixer_dict(attention: dict, window_size: int, gdn_key_heads: int, gdn_value_heads: int,
+                          gdn_key_head_dim: int, gdn_value_head_dim: int, kda_heads: int, kda_head_dim: int,
+                          conv_kernel: int = 4, norm_eps: float = 1e-5) -> dict:
+    """A block's four-mixer ``stochastic`` mixer around an ``attention`` config, attention the main mixer."""
+    return {
+        "type": "stochastic",
+        "main_mixer_name": "attention",
+        "sampling_strategy": "uniform",
+        "mixers": {
+            "attention": attention,
+            "sliding_window": {**attention, "window_size": window_size},
+            "gdn": {
+                "type": "gdn", "key_heads": gdn_key_heads, "value_heads": gdn_value_heads,
+                "key_head_dim": gdn_key_head_dim, "value_head_dim": gdn_value_head_dim,
+                "convolution_layer": {"kernel_size": conv_kernel},
+            },
+            "kda": {
+                "type": "kda", "heads": kda_heads, "head_dim": kda_head_dim,
+                "convolution_layer": {"kernel_size": conv_kernel},
+                "normalization": {"epsilon": norm_eps},
+            },
+        },
+    }
+
+
 def supernet_config_dict(
     *,
     hidden_size: int,
@@ -325,25 +350,8 @@ def supernet_config_dict(
             "type": "fixed",
             "num_blocks": num_layers,
             "block": {
-                "mixer": {
-                    "type": "stochastic",
-                    "main_mixer_name": "attention",
-                    "sampling_strategy": "uniform",
-                    "mixers": {
-                        "attention": attention,
-                        "sliding_window": {**attention, "window_size": window_size},
-                        "gdn": {
-                            "type": "gdn", "key_heads": gdn_key_heads, "value_heads": gdn_value_heads,
-                            "key_head_dim": gdn_key_head_dim, "value_head_dim": gdn_value_head_dim,
-                            "convolution_layer": {"kernel_size": conv_kernel},
-                        },
-                        "kda": {
-                            "type": "kda", "heads": kda_heads, "head_dim": kda_head_dim,
-                            "convolution_layer": {"kernel_size": conv_kernel},
-                            "normalization": {"epsilon": norm_eps},
-                        },
-                    },
-                },
+                "mixer": stochastic_mixer_dict(attention, window_size, gdn_key_heads, gdn_value_heads, gdn_key_head_dim,
+                                               gdn_value_head_dim, kda_heads, kda_head_dim, conv_kernel, norm_eps),
                 "mlp": {"type": "mlp", "intermediate_size": intermediate_size, "activation": "silu", "gated": True,
                         "add_linear_biases": False},
                 "normalization": {"type": "rms_norm", "epsilon": norm_eps},

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 
-from workers.model.config import supernet_config_dict
+from workers.model.config import stochastic_mixer_dict, supernet_config_dict
 
 SMALL_SHAPE = dict(  # ~8.4M parameters: 17 MB of bf16 safetensors
     num_layers=8, hidden_size=192, intermediate_size=512, heads=4, head_groups=2, head_size=48, window_size=32,
@@ -49,17 +49,7 @@ def supernet_config_from_teacher(teacher: dict, window_size: int) -> dict:
         raise ValueError("the teacher's blocks must hold one full-attention mixer")
     raw = copy.deepcopy(teacher)
     heads, groups, size = attention["heads"], attention.get("head_groups", attention["heads"]), attention["head_size"]
-    raw["decoder"]["block"]["mixer"] = {
-        "type": "stochastic",
-        "main_mixer_name": "attention",
-        "sampling_strategy": "uniform",
-        "mixers": {
-            "attention": attention,
-            "sliding_window": {**attention, "window_size": window_size},
-            "gdn": {"type": "gdn", "key_heads": groups, "value_heads": heads, "key_head_dim": size,
-                    "value_head_dim": size, "convolution_layer": {"kernel_size": 4}},
-            "kda": {"type": "kda", "heads": heads, "head_dim": size, "convolution_layer": {"kernel_size": 4},
-                    "normalization": {"epsilon": raw["head"]["normalization"]["epsilon"]}},
-        },
-    }
+    raw["decoder"]["block"]["mixer"] = stochastic_mixer_dict(
+        attention, window_size, gdn_key_heads=groups, gdn_value_heads=heads, gdn_key_head_dim=size,
+        gdn_value_head_dim=size, kda_heads=heads, kda_head_dim=size, norm_eps=raw["head"]["normalization"]["epsilon"])
     return raw
