@@ -16,7 +16,6 @@ from workers.model.batch import RowGroup
 from workers.model.cache import KVCache, RingKVCache
 from workers.model.config import AttentionConfig
 from workers.model.layers import Rotary
-from workers.model.recurrent import equal_fresh_rows
 
 
 class Attention(nn.Module):
@@ -45,7 +44,7 @@ class Attention(nn.Module):
         cos, sin = self.rotary.cos_sin(group.positions, x.dtype)
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
 
-        length = equal_fresh_rows(group)
+        length = group.dense_length
         if length is not None:
             out = self._attend_block(q, k, v, len(group.rows), length)
             return self.o_proj(out.reshape(tokens, self.heads * self.head_size))

@@ -40,6 +40,17 @@ class RowGroup:
         self.token_index = token_index  # None when the group is the whole batch
 
     @property
+    def dense_length(self) -> int | None:
+        """The common row length when every row starts at 0 without a cache (training, scoring), else None.
+
+        Such a group is a dense [rows, length] block: the mixers run it batched, with no per-row loop.
+        """
+        if self.caches is not None:
+            return None
+        length = self.rows[0].length
+        return length if all(row.length == length for row in self.rows) else None
+
+    @property
     def is_decode(self) -> bool:
         """Every row adds exactly one token: the mixers can batch rows without per-row loops."""
         return all(row.length == 1 for row in self.rows)

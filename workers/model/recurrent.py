@@ -82,17 +82,6 @@ def chunked_delta_rule(q, k, v, g, beta, state, scale: float, chunk: int = 32):
     return torch.cat(outputs, dim=2).transpose(1, 2), state
 
 
-def equal_fresh_rows(group: RowGroup) -> int | None:
-    """The common row length when every row starts at 0 without a cache (training, scoring), else None.
-
-    Such a group is a dense [rows, length] block: the mixers run it batched, with no per-row loop.
-    """
-    if group.caches is not None:
-        return None
-    length = group.rows[0].length
-    return length if all(row.length == length for row in group.rows) else None
-
-
 def causal_conv(conv: DepthwiseConv, x: torch.Tensor, group: RowGroup, slot: int) -> torch.Tensor:
     """Run ``conv`` over each row's new tokens ``x`` [T, C], continuing from its cached history ``slot``."""
     history_shape = (conv.kernel - 1, x.shape[-1])
@@ -106,7 +95,7 @@ def causal_conv(conv: DepthwiseConv, x: torch.Tensor, group: RowGroup, slot: int
             for cache, h in zip(group.caches, new_history):
                 cache.conv[slot].copy_(h)
         return out[:, 0]
-    length = equal_fresh_rows(group)
+    length = group.dense_length
     if length is not None:
         rows = x.view(len(group.rows), length, x.shape[-1])
         return conv(rows, x.new_zeros(len(group.rows), *history_shape))[0].reshape(x.shape)
@@ -139,7 +128,7 @@ def delta_rule(q, k, v, g, beta, group: RowGroup, kernels=None) -> torch.Tensor:
     else:
         q, k = l2_normalize(q.float()), l2_normalize(k.float())
         v, g, beta = v.float(), g.float(), beta.float()
-        length = equal_fresh_rows(group)
+        length = group.dense_length
         if group.is_decode:
             out, final = recurrent_delta_rule(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], states, scale)
             out = out[:, 0]
