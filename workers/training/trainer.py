@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from policies.errors import ConfigError
 from policies.placement import MIXERS, Mixer, Placement
+from workers.evaluation import Scorer
 from workers.model.batch import ForwardBatch
 from workers.model.config import parse_config
 from workers.model.loader import load_checkpoint, save_checkpoint
@@ -154,18 +155,6 @@ def _teacher_tokenizer(settings: TrainSettings, out: Path, train: list[Document]
     return tokenizer
 
 
-@torch.no_grad()
-def heldout_loss(model: SupernetLM, windows: torch.Tensor, placement: Placement, batch: int = 16) -> float:
-    """Mean next-token cross-entropy (nats) over held-out windows, each scored from position 0."""
-    total, count = 0.0, 0
-    for start in range(0, len(windows), batch):
-        chunk = windows[start:start + batch]
-        logits = model(ForwardBatch.dense(chunk[:, :-1], [placement] * len(chunk)), all_logits=True).float()
-        total += float(F.cross_entropy(logits, chunk[:, 1:].reshape(-1), reduction="sum"))
-        count += chunk[:, 1:].numel()
-    return total / count
-
-
 def train(settings: TrainSettings, out: str | Path, device: str = "cpu", progress: bool | None = None,
           stop_after: int | None = None) -> Path:
     """Train (or resume) a run in ``out``; returns the folder. ``stop_after`` ends early, as an interruption would."""
@@ -196,8 +185,8 @@ def train(settings: TrainSettings, out: str | Path, device: str = "cpu", progres
         raise ConfigError(f"the corpus has {len(train_stream.tokens)} training tokens: fewer than one --seq-len window")
     (out / "corpus.json").write_text(json.dumps({"corpus": settings.corpus, "train": train_stream.summary(),
                                                  "heldout": heldout_stream.summary()}, indent=2) + "\n")
-    heldout = torch.from_numpy(heldout_stream.windows(settings.seq_len + 1, settings.eval_tokens).astype(np.int64))
-    heldout = heldout.to(device)
+    # Held-out loss: the same windows every evaluation, each scored from position 0 (the toolkit's Scorer).
+    scorer = Scorer(model, heldout_stream.windows(settings.seq_len + 1, settings.eval_tokens).tolist(), batch_windows=16)
     train_tokens = torch.from_numpy(train_stream.tokens.astype(np.int64))
     tokens_per_step = settings.batch_size * settings.seq_len
     log_file = out / LOG_FILE
@@ -211,7 +200,7 @@ def train(settings: TrainSettings, out: str | Path, device: str = "cpu", progres
 
     def evaluate() -> None:
         model.eval()
-        losses = {p.code: round(heldout_loss(model, heldout, p), 5) for p in stage.eval_placements()}
+        losses = {p.code: round(-scorer(p)[0], 5) for p in stage.eval_placements()}
         model.train()
         _append(log_file, {"step": step, "heldout": losses})
         bar.write(f"step {step}: held-out loss " + ", ".join(f"{code} {value:.4f}" for code, value in losses.items()),
