@@ -59,8 +59,7 @@ def default_presets(path: Path) -> list[PresetSettings]:
     cheapest_first = [p for p in table.presets if p.placement != table.baseline.placement and p.speedup > 1]
     if len(cheapest_first) > len(PRESET_NAMES):  # the two ends and the middle
         cheapest_first = [cheapest_first[0], cheapest_first[len(cheapest_first) // 2], cheapest_first[-1]]
-    names = PRESET_NAMES[:len(cheapest_first)] if len(cheapest_first) > 1 else ("fastest",)
-    for name, entry in reversed(list(zip(names, cheapest_first))):
+    for name, entry in reversed(list(zip(PRESET_NAMES, cheapest_first))):
         presets.append(PresetSettings(name=name, placement=entry.placement, quality=round(entry.retention, 4),
                                       description=describe(entry, entry.name)))
     return presets
