@@ -28,20 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from workers.engine import Engine, EngineConfig, Request  # noqa: E402
 from workers.model.loader import load_checkpoint  # noqa: E402
 from workers.model.tiny import make_tiny_checkpoint  # noqa: E402
+from workers.profiling import cpu_name  # noqa: E402
 from workers.sampling import SamplingParams  # noqa: E402
 
 PLACEMENTS = ["AAAAAA", "SSSSSS", "GGGGGG", "KKKKKK", "mixed"]
 MIXED = ["AAAAAA", "SSSSSS", "GGGGGG", "KKKKKK", "ASGKAS", "KGSAGK"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(model, code: str, batch: int, prompt_tokens: int, max_tokens: int, seed: int, repeats: int) -> dict:

@@ -24,6 +24,7 @@ from policies.frontier import linear_count_cost, pareto_frontier  # noqa: E402
 from policies.placement import MIXERS, Mixer  # noqa: E402
 from policies.published import REGRESSION_COST  # noqa: E402
 from policies.surrogate import ClusterExpansion  # noqa: E402
+from workers.profiling import cpu_name  # noqa: E402
 
 # Mean per-layer quality of each mixer against attention (log-likelihood-like units).
 MIXER_QUALITY = {Mixer.ATTENTION: 0.0, Mixer.SLIDING_WINDOW: -0.02, Mixer.KDA: -0.04, Mixer.GDN: -0.05}
@@ -40,16 +41,6 @@ def random_surrogate(num_layers: int, seed: int) -> ClusterExpansion:
         rng.normal(0, 0.005, (num_layers - 1, 4, 4)),
         rng.normal(0, 0.002, (num_layers - 2, 4, 4, 4)),
     )
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

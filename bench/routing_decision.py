@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policies.cost import SpeedModel  # noqa: E402
-from policies.placement import MIXERS, Mixer, Placement  # noqa: E402
+from policies.placement import MIXERS, Placement  # noqa: E402
 from policies.roofline import roofline_speed_dict, super_apriel_memory  # noqa: E402
 from policies.routing import PresetInfo, RoutingRequest, SlaPolicy  # noqa: E402
 from policies.routing.predict import Predictor  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from policies.placement import Mixer, Placement  # noqa: E402
+from policies.placement import Placement  # noqa: E402
 from policies.published import PUBLISHED_PRESETS  # noqa: E402
 from policies.roofline import roofline_speed_dict, super_apriel_memory  # noqa: E402
 from policies.routing import PresetInfo, RoutingRequest, build_policy  # noqa: E402
