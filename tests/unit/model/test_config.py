@@ -4,6 +4,7 @@ import pytest
 
 from policies.errors import CheckpointError, InvalidPlacement
 from policies.placement import Mixer
+from tests.edits import edited
 from workers.model.config import AttentionConfig, GdnConfig, KdaConfig, parse_config, supernet_config_dict
 
 # The released 15B supernet's shape (shared/design/SUPERNET.md).
@@ -43,15 +44,7 @@ def test_pattern_decoder_repeats_and_single_mixer_blocks_drop_the_mixers_level()
 
 
 def _broken(path: list[str], value=None, delete=False) -> dict:
-    raw = copy.deepcopy(SUPER_APRIEL_15B)
-    node = raw
-    for key in path[:-1]:
-        node = node[key]
-    if delete:
-        del node[path[-1]]
-    else:
-        node[path[-1]] = value
-    return raw
+    return edited(SUPER_APRIEL_15B, path, value, delete)
 
 
 MIXERS = ["decoder", "block", "mixer", "mixers"]

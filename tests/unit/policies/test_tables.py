@@ -1,6 +1,5 @@
 """Table files: every kind of malformed file is refused with a message naming what is wrong."""
 
-import copy
 import json
 
 import pytest
@@ -19,6 +18,7 @@ from policies.tables import (
     read_table,
     write_table,
 )
+from tests.edits import edited
 
 LAYERS = 3
 LAYER = {
@@ -93,17 +93,6 @@ def test_valid_files_round_trip(tmp_path, make, model):
     assert json.loads(path.read_text())["format"] == make()["format"]
 
 
-def mutate(base, path, value=None, delete=False):
-    data = copy.deepcopy(base)
-    node = data
-    for key in path[:-1]:
-        node = node[key]
-    if delete:
-        del node[path[-1]]
-    else:
-        node[path[-1]] = value
-    return data
-
 
 SPEED_FAULTS = [
     (("version",), 2, "'version' is 2, this code reads version 1"),
@@ -125,17 +114,17 @@ SPEED_FAULTS = [
 @pytest.mark.parametrize("path, value, message", SPEED_FAULTS, ids=[" ".join(map(str, f[0])) for f in SPEED_FAULTS])
 def test_malformed_speed_tables_are_refused_naming_the_fault(path, value, message):
     with pytest.raises(TableMismatch) as caught:
-        parse_table(mutate(speed_dict(), path, value), SpeedFile, "speed.json")
+        parse_table(edited(speed_dict(), path, value), SpeedFile, "speed.json")
     assert caught.value.message.startswith("speed.json (speed table): ")
     assert message in caught.value.message
     assert caught.value.exit_code == 3
 
 
 def test_speed_table_missing_a_mixer_everywhere():
-    data = mutate(speed_dict(), ("prefill_ms_per_token", "kda"), delete=True)
+    data = edited(speed_dict(), ("prefill_ms_per_token", "kda"), delete=True)
     with pytest.raises(TableMismatch, match=r"prefill_ms_per_token has no entry for timed mixer\(s\) \['kda'\]"):
         parse_table(data, SpeedFile, "speed.json")
-    data = mutate(speed_dict(), ("memory", "layers", 2, "gdn"), delete=True)
+    data = edited(speed_dict(), ("memory", "layers", 2, "gdn"), delete=True)
     with pytest.raises(TableMismatch, match=r"memory.layers.2 has no entry for timed mixer\(s\) \['gdn'\]"):
         parse_table(data, SpeedFile, "speed.json")
 
@@ -149,24 +138,24 @@ def test_speed_table_missing_a_mixer_everywhere():
 ])
 def test_malformed_quality_tables_are_refused(path, value, message):
     with pytest.raises(TableMismatch) as caught:
-        parse_table(mutate(quality_dict(), path, value), QualityFile, "q.json")
+        parse_table(edited(quality_dict(), path, value), QualityFile, "q.json")
     assert message in caught.value.message
 
 
 def test_malformed_presets_are_refused():
     with pytest.raises(TableMismatch, match="counts .* do not match placement GGG"):
-        parse_table(mutate(presets_dict(), ("presets", 0, "counts", "gdn"), 2), PresetsFile, "p.json")
+        parse_table(edited(presets_dict(), ("presets", 0, "counts", "gdn"), 2), PresetsFile, "p.json")
     with pytest.raises(TableMismatch, match="preset names repeat"):
-        parse_table(mutate(presets_dict(), ("presets", 0, "name"), "q100-x1.00"), PresetsFile, "p.json")
+        parse_table(edited(presets_dict(), ("presets", 0, "name"), "q100-x1.00"), PresetsFile, "p.json")
     with pytest.raises(TableMismatch, match="placement AAAA has 4 layers but the model has 3"):
-        parse_table(mutate(presets_dict(), ("baseline", "placement"), "AAAA"), PresetsFile, "p.json")
+        parse_table(edited(presets_dict(), ("baseline", "placement"), "AAAA"), PresetsFile, "p.json")
 
 
 def test_surrogate_fit_body_is_checked():
     with pytest.raises(TableMismatch, match="surrogate.unary"):
-        parse_table(mutate(surrogate_dict(), ("surrogate", "unary"), "nope"), SurrogateFile, "s.json")
+        parse_table(edited(surrogate_dict(), ("surrogate", "unary"), "nope"), SurrogateFile, "s.json")
     with pytest.raises(TableMismatch, match="holdout.fraction"):
-        parse_table(mutate(surrogate_dict(), ("holdout", "fraction"), 1.5), SurrogateFile, "s.json")
+        parse_table(edited(surrogate_dict(), ("holdout", "fraction"), 1.5), SurrogateFile, "s.json")
 
 
 def test_files_that_are_not_tables(tmp_path):
