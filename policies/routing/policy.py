@@ -19,13 +19,13 @@ Baselines for benchmarks: ``fixed:<preset>`` (that preset, replicas in turn), ``
 from __future__ import annotations
 
 import itertools
-import operator
-from dataclasses import replace
+import math
 
 import numpy as np
 
 from policies.errors import ConfigError, InvalidRequest, UnknownPreset
-from policies.routing.predict import Fleet, Predictor, WorkerView
+from policies.routing.kernels import earliest_per_preset
+from policies.routing.predict import Fleet, Forecast, Predictor, WorkerView
 from policies.routing.types import Decision, Prediction, PresetInfo, RoutingRequest, WorkerState
 
 SHED_NO_PRESET = "no-preset-meets-slo"
@@ -39,15 +39,18 @@ class _Base:
         self.index = {p.name: i for i, p in enumerate(self.presets)}
         self._views: dict[str, WorkerView] = {}
         self._fleet: Fleet | None = None
+        self._fleet_states: list[WorkerState] = []
+        # Compile the per-request loops now (or load them from numba's cache), not on the first request.
+        forecast = predictor.predict(RoutingRequest(1, 1), self.fleet([]))
+        earliest_per_preset(forecast.times, forecast.flags, np.ones(len(self.presets), dtype=bool), 1.0, 1.0, 1.0,
+                            1.0, 1.0)
 
     def fleet(self, states: list[WorkerState]) -> Fleet:
         """Per-snapshot work is cached: a replica's view is rebuilt only when its state object changes,
         and the stacked arrays only when some view did."""
         states = states or [_EMPTY]
-        fleet = self._fleet
-        if fleet is not None and len(fleet.views) == len(states) and all(
-                map(operator.is_, (v.state for v in fleet.views), states)):
-            return fleet
+        if self._fleet is not None and self._fleet_states == states:  # identity first: one C loop, no __eq__
+            return self._fleet
         views = []
         for state in states:
             view = self._views.get(state.replica_id)
@@ -57,12 +60,12 @@ class _Base:
             views.append(view)
         self._fleet = Fleet.stack(tuple(views), self.predictor.onehot, self.predictor.chunk_fixed_ms,
                                   self.predictor.chunk)
+        self._fleet_states = list(states)
         return self._fleet
 
-    def _decision(self, p: int, w: int, fleet: Fleet, arrays, reason: str, **flags) -> Decision:
+    def _decision(self, p: int, w: int, fleet: Fleet, forecast: Forecast, reason: str, **flags) -> Decision:
         preset = self.presets[p]
-        prediction = Prediction(float(arrays["queue_wait"][p, w]), float(arrays["ttft"][p, w]),
-                                float(arrays["tpot"][p, w]), float(arrays["completion"][p, w]), preset.quality)
+        prediction = Prediction(*forecast.pair(p, w), preset.quality)
         replica = fleet.views[w].state.replica_id or None
         return Decision(preset.name, preset.placement, replica, prediction, reason, **flags)
 
@@ -86,10 +89,11 @@ class SlaPolicy(_Base):
             raise ConfigError(f"routing safety margin must be in (0, 1], got {margin}")
         self.margin = margin
         self._all = np.ones(len(self.presets), dtype=bool)
+        self._by_quality = np.argsort(-predictor.quality, kind="stable").tolist()
         groups: dict[float, list[int]] = {}
-        for p in np.argsort(-predictor.quality, kind="stable"):
-            groups.setdefault(float(predictor.quality[p]), []).append(int(p))
-        self._quality_groups = list(groups.values())
+        for p in self._by_quality:
+            groups.setdefault(float(predictor.quality[p]), []).append(p)
+        self._equal_quality = [groups[q] for q in predictor.quality.tolist()]  # per preset: those of its quality
         self.error = {"ttft": 1.0, "tpot": 1.0}  # measured / predicted, from served requests (EWMA)
 
     def observe(self, prediction: Prediction, ttft_ms: float, tpot_ms: float | None, weight: float = 0.05) -> None:
@@ -109,32 +113,37 @@ class SlaPolicy(_Base):
             w = min(range(len(fleet.views)), key=lambda i: _load(fleet.views[i].state))
             return Decision(None, request.placement, fleet.views[w].state.replica_id or None, None,
                             "placement forced by the request")
-        arrays = self.predictor.predict(request, fleet)
-        allowed = self._allowed(request, forced)
-        usable = arrays["fits"] & allowed[:, None]
-        if not usable.any():
-            raise InvalidRequest("the request's cache (prompt + max_tokens) fits no replica under any allowed "
-                                 "preset: shorten it")
-        pool = usable & self._meets(request, arrays) if request.has_budget else usable
+        forecast = self.predictor.predict(request, fleet)
+        inf = math.inf
+        soonest, where = earliest_per_preset(
+            forecast.times, forecast.flags, self._allowed(request, forced),
+            inf if request.ttft_ms is None else float(self.margin * request.ttft_ms),  # floats: one compiled
+            inf if request.tpot_ms is None else float(self.margin * request.tpot_ms),  # signature only
+            inf if request.deadline_ms is None else float(self.margin * request.deadline_ms),
+            float(self.error["ttft"]), float(self.error["tpot"]))
+        admitted, meeting, usable = soonest.tolist()
         # Prefer pairs admitted at once: a request that queues for memory blocks every request behind it
         # (admission is FIFO), so a quality win for one can cost many their budgets.
-        choice = self._best(pool & arrays["admit_now"], arrays["completion"])
-        if choice is not None:
-            p, w = choice
+        p = self._best_quality(admitted)
+        if p is not None:
             reason = ("preset forced by the request" if forced is not None else
                       "best quality that meets the budget" if request.has_budget else "no budget: best quality")
-            return self._decision(p, w, fleet, arrays, reason)
-        if pool.any():  # every replica queues: the fastest pair that meets the budget drains the queues soonest
-            p, w = np.unravel_index(np.argmin(np.where(pool, arrays["completion"], np.inf)), pool.shape)
-            return self._decision(p, w, fleet, arrays, "replicas are queueing: fastest preset that meets the budget")
-        completion = np.where(usable, arrays["completion"], np.inf)
-        p, w = np.unravel_index(np.argmin(completion), completion.shape)
+            return self._decision(p, where.item(0, p), fleet, forecast, reason)
+        if min(usable) == inf:
+            raise InvalidRequest("the request's cache (prompt + max_tokens) fits no replica under any allowed "
+                                 "preset: shorten it")
+        p = min(range(len(meeting)), key=meeting.__getitem__)
+        if meeting[p] != inf:  # every replica queues: the fastest pair that meets the budget drains the queues soonest
+            return self._decision(p, where.item(1, p), fleet, forecast,
+                                  "replicas are queueing: fastest preset that meets the budget")
+        p = min(range(len(usable)), key=usable.__getitem__)
+        w = where.item(2, p)
         if forced is not None:
-            return self._decision(p, w, fleet, arrays, "preset forced by the request; budget at risk",
+            return self._decision(p, w, fleet, forecast, "preset forced by the request; budget at risk",
                                   sla_at_risk=True)
         if request.sheddable:
-            return self._decision(p, w, fleet, arrays, SHED_NO_PRESET, shed=True, sla_at_risk=True)
-        return self._decision(p, w, fleet, arrays, "no preset meets the budget: fastest", sla_at_risk=True)
+            return self._decision(p, w, fleet, forecast, SHED_NO_PRESET, shed=True, sla_at_risk=True)
+        return self._decision(p, w, fleet, forecast, "no preset meets the budget: fastest", sla_at_risk=True)
 
     def _allowed(self, request: RoutingRequest, forced: int | None) -> np.ndarray:
         if forced is not None:
@@ -149,44 +158,22 @@ class SlaPolicy(_Base):
                                  f"{self.predictor.quality.max():.3f})")
         return allowed
 
-    def _best(self, pool: np.ndarray, completion: np.ndarray) -> tuple[int, int] | None:
-        """Highest quality with any usable replica; among equal qualities, the earliest completion."""
-        rows = pool.any(axis=1)
-        if not rows.any():
-            return None
-        for group in self._quality_groups:  # best quality first; usually the first group with a row decides
-            live = [p for p in group if rows[p]]
-            if live:
-                break
-        best, best_time = None, np.inf
-        for p in live:
-            w = int(np.argmin(np.where(pool[p], completion[p], np.inf)))
-            if completion[p, w] < best_time:
-                best, best_time = (p, w), completion[p, w]
-        return best
+    def _best_quality(self, soonest: list[float]) -> int | None:
+        """The highest-quality preset with a pair (finite ``soonest``); among equal qualities, the earliest."""
+        for p in self._by_quality:
+            if soonest[p] != math.inf:
+                return min((q for q in self._equal_quality[p] if soonest[q] != math.inf), key=soonest.__getitem__)
+        return None
 
-    def _meets(self, request: RoutingRequest, arrays) -> np.ndarray:
-        """Budgets checked against calibrated predictions (the ratios of served requests, see ``observe``)."""
-        ok = np.ones(arrays["ttft"].shape, dtype=bool)
-        ttft, tpot = self.error["ttft"], self.error["tpot"]
-        if request.ttft_ms is not None:
-            ok &= arrays["ttft"] * ttft <= self.margin * request.ttft_ms
-        if request.tpot_ms is not None:
-            ok &= arrays["tpot"] * tpot <= self.margin * request.tpot_ms
-        if request.deadline_ms is not None:
-            completion = arrays["ttft"] * ttft + (arrays["completion"] - arrays["ttft"]) * tpot
-            ok &= completion <= self.margin * request.deadline_ms
-        return ok
-
-    def _decision(self, p: int, w: int, fleet: Fleet, arrays, reason: str, **flags) -> Decision:
+    def _decision(self, p: int, w: int, fleet: Fleet, forecast: Forecast, reason: str, **flags) -> Decision:
         """As reported to the client: calibrated like the budget check, so headers and choices agree."""
-        decision = super()._decision(p, w, fleet, arrays, reason, **flags)
-        ttft, tpot = self.error["ttft"], self.error["tpot"]
-        raw = decision.prediction
-        decode = raw.completion_ms - raw.ttft_ms
-        prediction = Prediction(raw.queue_wait_ms * ttft, raw.ttft_ms * ttft, raw.tpot_ms * tpot,
-                                raw.ttft_ms * ttft + decode * tpot, raw.quality, raw.extrapolated)
-        return replace(decision, prediction=prediction, raw_prediction=raw)
+        preset = self.presets[p]
+        queue_wait, ttft, tpot, completion = raw = forecast.pair(p, w)
+        ttft_error, tpot_error = self.error["ttft"], self.error["tpot"]
+        prediction = Prediction(queue_wait * ttft_error, ttft * ttft_error, tpot * tpot_error,
+                                ttft * ttft_error + (completion - ttft) * tpot_error, preset.quality)
+        return Decision(preset.name, preset.placement, fleet.views[w].state.replica_id or None, prediction, reason,
+                        raw_prediction=Prediction(*raw, preset.quality), **flags)
 
 
 class Baseline(_Base):
@@ -209,8 +196,7 @@ class Baseline(_Base):
             w = next(self._turn) % len(fleet.views)
         else:
             w = min(range(len(fleet.views)), key=lambda i: _load(fleet.views[i].state))
-        arrays = self.predictor.predict(request, fleet)
-        return self._decision(p, w, fleet, arrays, f"baseline {self.replicas}")
+        return self._decision(p, w, fleet, self.predictor.predict(request, fleet), f"baseline {self.replicas}")
 
 
 def _load(state: WorkerState) -> tuple:

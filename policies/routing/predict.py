@@ -6,7 +6,9 @@ each mixer in each layer, linear in the new row's context:
 
     step(batch + row of placement p at context c) = base + shared_and_head + sum_l (A[l, p_l] + c * B[l, p_l])
 
-Per request everything is a few numpy operations over [presets x workers]:
+Stacked over workers (``Fleet``, rebuilt when a snapshot changes), what is left
+per request is one compiled loop over the [presets x workers] pairs
+(``kernels.forecast_pairs``):
 
     tpot       = calibration * (base + marginal(p, c))
     queue wait = calibration * (waiting prompt tokens * prefill cost + wait for cache memory: rows finishing)
@@ -19,20 +21,19 @@ inside, along the last segment above, held at the edge below), vectorised.
 
 from __future__ import annotations
 
-import bisect
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from policies.cost import SpeedModel
+from policies.errors import TableMismatch
 from policies.memory import AttentionShape
 from policies.placement import MIXERS, Placement
+from policies.routing.kernels import forecast_pairs
 from policies.routing.types import PresetInfo, RoutingRequest, WorkerState
 
 _M = {m: i for i, m in enumerate(MIXERS)}
 _CONTEXT_PROBE = 4096.0  # tokens: the slope of a row's cost in its own context is measured over this span
-_SPAN = 2.0**44  # bytes: above any cache budget (16 TiB), so offset release curves never overlap
 
 
 def _segments(xs: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -60,15 +61,6 @@ class _Grid2D:
         return low + tb * (high - low)
 
 
-def _interp_columns(xs: list[float], ys: np.ndarray, x: float) -> np.ndarray:
-    """Every row of ``ys`` [P, G] at one scalar ``x`` (the request path: plain Python for the index)."""
-    if len(xs) == 1:
-        return ys[:, 0]
-    i = min(max(bisect.bisect_left(xs, x) - 1, 0), len(xs) - 2)
-    t = max((x - xs[i]) / (xs[i + 1] - xs[i]), 0.0)
-    return ys[:, i] + t * (ys[:, i + 1] - ys[:, i])
-
-
 @dataclass(frozen=True, slots=True, eq=False)
 class WorkerView:
     """A worker snapshot turned into the numbers predictions need."""
@@ -87,21 +79,23 @@ class Fleet:
     """All workers' views stacked, with every request-independent product precomputed ([presets x workers])."""
 
     views: tuple[WorkerView, ...]
-    tpot_base: np.ndarray  # [P, W]: calibrated step with one more row of the preset, context 0
-    tpot_slope: np.ndarray  # [P, W]: its growth per token of the row's context
+    # [2, P, W]: the calibrated step with one more row of the preset at context 0, and its growth per token of
+    # the row's context: tpot = tpot_terms[0] + context * tpot_terms[1].
+    tpot_terms: np.ndarray
     calibration: np.ndarray  # [W]
-    step_now: np.ndarray  # [W]: calibrated step of the running batch (a prefill chunk rides along each)
-    queue_per_token: np.ndarray  # [W]: calibrated waiting prompt tokens (times a prefill cost per token)
-    queue_fixed: np.ndarray  # [W]: calibrated fixed cost of the waiting requests' prefill chunks
+    # [2, W]: calibrated waiting prompt tokens (times a mean prefill cost per token) and fixed cost of the
+    # waiting requests' prefill chunks: queue = [prefill per token, 1] @ queue_terms.
+    queue_terms: np.ndarray
+    step_now: np.ndarray  # [W]: calibrated step of the running batch (one rides along each prefill chunk)
     free: np.ndarray  # [W] bytes
+    idle: np.ndarray  # [W] bool: nothing queues for admission
     budget: np.ndarray  # [W] bytes
-    waiting: np.ndarray  # [W]: requests queued for admission
-    # Release curves of all workers in one sorted array: worker w's cumulative bytes offset by w * _SPAN,
-    # so one searchsorted answers every (preset, worker) pair.
+    # Release curves, worker w's in [release_start[w], release_start[w + 1]): an entry at 0 bytes, one per
+    # running row in finishing order (cumulative bytes freed, calibrated ms until then), and one at infinite
+    # bytes (the last finish: the longest wait there is).
+    release_bytes: np.ndarray
     release_ms: np.ndarray
-    release_key: np.ndarray
-    release_first: np.ndarray  # [W]: where each worker's rows start
-    release_last: np.ndarray  # [W]: its last row (first - 1: none)
+    release_start: np.ndarray  # [W + 1] int64
 
     @classmethod
     def stack(cls, views: tuple[WorkerView, ...], onehot: np.ndarray, chunk_fixed_ms: float, chunk: int) -> "Fleet":
@@ -111,29 +105,70 @@ class Fleet:
         calibration = column(lambda v: v.state.calibration)
         marginal = onehot @ np.stack([v.marginal for v in views], axis=1)
         slope = onehot @ np.stack([v.slope for v in views], axis=1)
-        sizes = np.array([len(v.release_ms) for v in views])
-        first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        base = column(lambda v: v.base_ms)
+        prompts = column(lambda v: v.state.waiting_prompt_tokens + v.state.prefill_backlog_tokens)
+        waiting = column(lambda v: v.state.waiting_requests + v.state.in_flight)
+        tpot_base = base + column(lambda v: v.marginal_fixed_ms) + marginal
+        # Each queued prompt chunk rides along one decode step of the batch.
+        queue_fixed = column(lambda v: v.state.waiting_requests) * chunk_fixed_ms + np.ceil(prompts / chunk) * base
+        curves_bytes, curves_ms = [], []
+        for v in views:
+            last = v.release_ms[-1] if len(v.release_ms) else 0.0
+            curves_bytes.append(np.concatenate([[0.0], v.release_bytes, [np.inf]]))
+            curves_ms.append(np.concatenate([[0.0], v.release_ms, [last]]) * v.state.calibration)
         return cls(
             views,
-            tpot_base=calibration * (column(lambda v: v.base_ms + v.marginal_fixed_ms) + marginal),
-            tpot_slope=calibration * slope,
+            tpot_terms=calibration * np.stack([tpot_base, slope]),
             calibration=calibration,
-            step_now=calibration * column(lambda v: v.base_ms),
-            queue_per_token=calibration * column(lambda v: v.state.waiting_prompt_tokens
-                                                 + v.state.prefill_backlog_tokens),
-            # Each queued prompt chunk rides along one decode step of the batch.
-            queue_fixed=calibration * (column(lambda v: v.state.waiting_requests) * chunk_fixed_ms
-                                       + np.ceil(column(lambda v: v.state.waiting_prompt_tokens
-                                                        + v.state.prefill_backlog_tokens) / chunk)
-                                       * column(lambda v: v.base_ms)),
+            queue_terms=calibration * np.stack([prompts, queue_fixed]),
+            step_now=calibration * base,
             free=column(lambda v: v.state.cache_free_bytes),
-            waiting=column(lambda v: v.state.waiting_requests + v.state.in_flight),
+            idle=waiting == 0,
             budget=column(lambda v: v.state.cache_budget_bytes),
-            release_ms=np.concatenate([v.release_ms for v in views] + [np.zeros(0)]),
-            release_key=np.concatenate([v.release_bytes + w * _SPAN for w, v in enumerate(views)] + [np.zeros(0)]),
-            release_first=first,
-            release_last=first + sizes - 1,
+            release_bytes=np.concatenate(curves_bytes),
+            release_ms=np.concatenate(curves_ms),
+            release_start=np.cumsum([0] + [len(c) for c in curves_bytes]).astype(np.int64),
         )
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Forecast:
+    """One request's predictions on every (preset, worker) pair: [presets x workers] views, times in ms."""
+
+    times: np.ndarray  # [4, P, W]: queue wait, ttft, tpot, completion
+    flags: np.ndarray  # [2, P, W]: fits, admit_now
+
+    @property
+    def queue_wait(self) -> np.ndarray:
+        """Prefill of the requests queued ahead, then the wait for cache memory."""
+        return self.times[0]
+
+    @property
+    def ttft(self) -> np.ndarray:
+        return self.times[1]
+
+    @property
+    def tpot(self) -> np.ndarray:
+        return self.times[2]
+
+    @property
+    def completion(self) -> np.ndarray:
+        return self.times[3]
+
+    @property
+    def fits(self) -> np.ndarray:
+        """The cache fits the worker at all (once everything there has finished)."""
+        return self.flags[0]
+
+    @property
+    def admit_now(self) -> np.ndarray:
+        """No FIFO queue on the worker and the cache fits its free memory now."""
+        return self.flags[1]
+
+    def pair(self, p: int, w: int) -> tuple[float, float, float, float]:
+        """(queue wait, ttft, tpot, completion) of one pair as Python floats."""
+        times = self.times
+        return times.item(0, p, w), times.item(1, p, w), times.item(2, p, w), times.item(3, p, w)
 
 
 class Predictor:
@@ -144,17 +179,20 @@ class Predictor:
         self._layer_index: dict[Placement, np.ndarray] = {}
         for preset in presets:
             speed.check_placement(preset.placement)
+            if untimed := sorted(set(preset.placement) - set(speed.mixers)):
+                raise TableMismatch(f"preset {preset.name!r} uses {', '.join(untimed)}, which the speed table "
+                                    f"does not time: profile every mixer the presets use")
         self.onehot = np.zeros((len(presets), self.num_layers * len(MIXERS)))
         for i, preset in enumerate(presets):
             self.onehot[i, self._flat(preset.placement)] = 1.0
         self.quality = np.array([p.quality for p in presets])
         self.decode = {m: _Grid2D(speed.batches, speed.contexts, speed.decode_ms[m]) for m in speed.mixers}
         # Prefill cost per prompt token of each preset at each profiled context: [P, G].
-        per_mixer = np.array([speed.prefill_ms_per_token[m] if m in speed.mixers
-                              else np.full(len(speed.prefill_contexts), np.inf) for m in MIXERS])
+        per_mixer = np.array([speed.prefill_ms_per_token[m] if m in speed.mixers  # untimed: no preset uses it
+                              else np.zeros(len(speed.prefill_contexts)) for m in MIXERS])
         layer_mixers = self.onehot.reshape(len(presets), self.num_layers, len(MIXERS)).sum(1)  # [P, 4]
-        self.prefill_per_token = layer_mixers @ per_mixer
-        self.prefill_contexts = [float(c) for c in speed.prefill_contexts]
+        self.prefill_per_token = layer_mixers @ per_mixer  # [P, G]
+        self.prefill_contexts = np.asarray(speed.prefill_contexts, dtype=float)  # [G]
         self.chunk = speed.prefill_chunk
         self.chunk_fixed_ms = self._shared_and_head(self.chunk) - speed.head(self.chunk).ms + speed.head(1).ms
         self._bytes = _BytesModel(speed, presets)
@@ -211,69 +249,38 @@ class Predictor:
 
     # ---- per request ----
 
-    def predict(self, request: RoutingRequest, fleet: Fleet) -> dict[str, np.ndarray]:
-        """Arrays of shape [presets, workers]: queue_wait, ttft, tpot, completion (ms), fits and admit_now (bool)."""
-        n_prompt = request.prompt_tokens
-        context = n_prompt + request.max_tokens / 2  # the row's mean context while it decodes
-        tpot = fleet.tpot_base + context * fleet.tpot_slope
-        per_token = _interp_columns(self.prefill_contexts, self.prefill_per_token, n_prompt / 2)  # [P]
-        chunks = math.ceil(n_prompt / self.chunk)
-        prefill = chunks * self.chunk_fixed_ms + n_prompt * per_token  # [P]
-        queue = fleet.queue_per_token * (per_token.sum() / len(per_token)) + fleet.queue_fixed  # [W]
-        need = self._bytes.sequence_bytes(n_prompt + request.max_tokens)  # [P]
-        memory_wait, fits = self._memory_wait(need, fleet)
-        queue_wait = queue + memory_wait if memory_wait is not None else np.broadcast_to(queue, tpot.shape)
-        ttft = queue_wait + chunks * fleet.step_now + np.multiply.outer(prefill, fleet.calibration)
-        completion = ttft + max(request.max_tokens - 1, 0) * tpot
-        # Admitted at once: no FIFO queue on the worker and the cache fits its free memory now.
-        admit_now = (need[:, None] <= fleet.free) & (fleet.waiting == 0)
-        return {"queue_wait": queue_wait, "ttft": ttft, "tpot": tpot, "completion": completion, "fits": fits,
-                "admit_now": admit_now}
-
-    @staticmethod
-    def _memory_wait(need: np.ndarray, fleet: Fleet):
-        """Calibrated wait until enough running rows finish to free ``need`` bytes (None: no wait anywhere),
-        and ``fits``: whether the cache fits each worker at all."""
-        fits = need[:, None] <= fleet.budget
-        largest = need.max() - fleet.free  # the preset needing most bytes is short wherever any is
-        workers = np.flatnonzero(largest > 0)
-        if not len(workers) or not len(fleet.release_key):
-            return None, fits
-        missing = need[:, None] - fleet.free[workers]  # [P, Ws]
-        first, last = fleet.release_first[workers], fleet.release_last[workers]
-        index = np.searchsorted(fleet.release_key, missing + workers * _SPAN)  # the row whose finish frees enough
-        index = np.minimum(np.maximum(index, first), np.maximum(last, first))
-        waited = fleet.release_ms[np.minimum(index, len(fleet.release_ms) - 1)]
-        wait = np.zeros(fits.shape)
-        wait[:, workers] = np.where((missing > 0) & (last >= first), waited, 0.0) * fleet.calibration[workers]
-        return wait, fits
+    def predict(self, request: RoutingRequest, fleet: Fleet) -> Forecast:
+        return Forecast(*forecast_pairs(
+            float(request.prompt_tokens), float(request.max_tokens), float(self.chunk), self.chunk_fixed_ms,
+            self.prefill_contexts, self.prefill_per_token, self._bytes.terms, self._bytes.windows,
+            fleet.tpot_terms, fleet.calibration, fleet.queue_terms, fleet.step_now, fleet.free, fleet.idle,
+            fleet.budget, fleet.release_bytes, fleet.release_ms, fleet.release_start))
 
     def sequence_bytes(self, context: int) -> np.ndarray:
         return self._bytes.sequence_bytes(context)
 
 
 class _BytesModel:
-    """Cache bytes of each preset at a context, as const + attention slope * c + window slope * min(c, window)."""
+    """Cache bytes of each preset at a context c: [1, c, min(c, window) for each window] @ terms ([F, P]):
+    a constant (recurrent states), full attention's bytes per token, and each window's bytes per token."""
 
     def __init__(self, speed: SpeedModel, presets: list[PresetInfo]):
         memory = speed.memory
-        self.const = np.zeros(len(presets))
-        self.per_token = np.zeros(len(presets))
-        self.windowed: dict[int, np.ndarray] = {}
+        const, per_token = np.zeros(len(presets)), np.zeros(len(presets))
+        windowed: dict[int, np.ndarray] = {}
         for i, preset in enumerate(presets):
             for layer, mixer in enumerate(preset.placement):
                 shape = memory.layers[layer][mixer]
                 if isinstance(shape, AttentionShape):
                     token = shape.token_bytes(memory.kv_bytes)
                     if shape.window is None:
-                        self.per_token[i] += token
+                        per_token[i] += token
                     else:
-                        self.windowed.setdefault(shape.window, np.zeros(len(presets)))[i] += token
+                        windowed.setdefault(shape.window, np.zeros(len(presets)))[i] += token
                 else:
-                    self.const[i] += shape.cache_bytes(0, memory.kv_bytes, memory.state_bytes)
+                    const[i] += shape.cache_bytes(0, memory.kv_bytes, memory.state_bytes)
+        self.windows = np.array(list(windowed), dtype=float)
+        self.terms = np.stack([const, per_token, *windowed.values()])
 
     def sequence_bytes(self, context: int) -> np.ndarray:
-        total = self.const + self.per_token * context
-        for window, per_token in self.windowed.items():
-            total = total + per_token * min(context, window)
-        return total
+        return np.dot([1, context] + [min(context, window) for window in self.windows.tolist()], self.terms)

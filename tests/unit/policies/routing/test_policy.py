@@ -94,9 +94,9 @@ def test_a_request_waits_for_memory_on_a_full_replica(predictor):
     full = busy_worker("full", 12, 60000, budget=12 * GIB)
     empty = busy_worker("empty", 0, 0, budget=12 * GIB)
     request = RoutingRequest(60000, 100)
-    arrays = predictor.predict(request, SlaPolicy(predictor).fleet([full, empty]))
-    assert (arrays["queue_wait"][:, 0] >= arrays["queue_wait"][:, 1]).all()
-    assert arrays["queue_wait"][0, 0] > 0  # all-attention at 60k does not fit the full replica now
+    forecast = predictor.predict(request, SlaPolicy(predictor).fleet([full, empty]))
+    assert (forecast.queue_wait[:, 0] >= forecast.queue_wait[:, 1]).all()
+    assert forecast.queue_wait[0, 0] > 0  # all-attention at 60k does not fit the full replica now
 
 
 def test_baselines(predictor):
@@ -126,5 +126,5 @@ def test_prefill_backlog_delays_the_first_token(predictor):
 
     idle = busy_worker("idle", 2, 4000)
     backlogged = replace(idle, replica_id="backlogged", prefill_backlog_tokens=60000)
-    arrays = predictor.predict(RoutingRequest(1000, 50), SlaPolicy(predictor).fleet([idle, backlogged]))
-    assert (arrays["ttft"][:, 1] > arrays["ttft"][:, 0] + 100).all()
+    forecast = predictor.predict(RoutingRequest(1000, 50), SlaPolicy(predictor).fleet([idle, backlogged]))
+    assert (forecast.ttft[:, 1] > forecast.ttft[:, 0] + 100).all()
