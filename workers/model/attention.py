@@ -49,6 +49,13 @@ class Attention(nn.Module):
             out = self._attend_block(q, k, v, len(group.rows), length)
             return self.o_proj(out.reshape(tokens, self.heads * self.head_size))
         out = torch.empty_like(q)
+        if group.is_decode and group.caches is not None:
+            # One new token per row: every key its cache returns is visible to it, so no mask, no positions
+            # and no copy of the cache (the ring's slots come back in ring order: attention does not mind).
+            for r, (row, cache) in enumerate(zip(group.rows, group.caches)):
+                keys, values = cache.append(k[r], v[r], row.start)
+                out[r] = self._sdpa(q[r:r + 1], keys, values, None)[0]
+            return self.o_proj(out.reshape(tokens, self.heads * self.head_size))
         for r, row in enumerate(group.rows):
             span = slice(row.offset, row.offset + row.length)
             query_positions = group.positions[span]
@@ -76,7 +83,10 @@ class Attention(nn.Module):
         visible = key_positions[None, :] <= query_positions[:, None]
         if self.window is not None:
             visible &= key_positions[None, :] > query_positions[:, None] - self.window
-        mask = None if bool(visible.all()) else visible
+        return self._sdpa(q, keys, values, None if bool(visible.all()) else visible)
+
+    def _sdpa(self, q, keys, values, mask) -> torch.Tensor:
+        """One row: q [n, H, d] over keys/values [m, KVH, d] -> [n, H, d]."""
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
             attn_mask=mask, scale=self.scale, enable_gqa=self.heads != self.kv_heads,

@@ -36,6 +36,18 @@ class KVCache:
         positions = torch.arange(end, device=keys.device)
         return self.keys[:end], self.values[:end], positions
 
+    def append(self, key: torch.Tensor, value: torch.Tensor, position: int):
+        """Decode: store one token's key and value [kv_heads, head_size]; return every key and value so far
+        (views, nothing copied), all of which the new token sees."""
+        if position != self.length:
+            raise RuntimeError(f"attention cache holds {self.length} tokens, got new tokens at {position}")
+        if position >= self.keys.shape[0]:
+            self._grow(position + 1)
+        self.keys[position] = key
+        self.values[position] = value
+        self.length = position + 1
+        return self.keys[:self.length], self.values[:self.length]
+
     def _grow(self, needed: int) -> None:
         # Only when a caller under-reserved; the engine reserves prompt + max_tokens up front.
         capacity = max(needed, 2 * self.keys.shape[0])
@@ -84,6 +96,22 @@ class RingKVCache:
         self.values[write] = values[-kept:]
         self.length = start + keys.shape[0]
         return all_keys, all_values, positions
+
+    def append(self, key: torch.Tensor, value: torch.Tensor, position: int):
+        """Decode: store one token's key and value in slot ``position % window``; return the ring's filled
+        slots (views, nothing copied). They hold exactly the window the new token sees, in ring order, which
+        attention does not mind: softmax and the weighted sum do not depend on the order of the keys."""
+        if position != self.length:
+            raise RuntimeError(f"sliding-window cache holds {self.length} tokens, got new tokens at {position}")
+        size = self.keys.shape[0]
+        if size < self.window and position >= size:
+            self._grow(min(self.window, max(position + 1, 2 * size)))
+        slot = position % self.window
+        self.keys[slot] = key
+        self.values[slot] = value
+        self.length = position + 1
+        filled = min(self.length, self.window)
+        return self.keys[:filled], self.values[:filled]
 
     def _grow(self, slots: int) -> None:
         for name in ("keys", "values"):
