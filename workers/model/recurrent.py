@@ -91,9 +91,8 @@ def causal_conv(conv: DepthwiseConv, x: torch.Tensor, group: RowGroup, slot: int
         else:
             history = torch.stack([cache.conv[slot] for cache in group.caches])
         out, new_history = conv(x[:, None, :], history)
-        if group.caches is not None:
-            for cache, h in zip(group.caches, new_history):
-                cache.conv[slot].copy_(h)
+        if group.caches is not None:  # one multi-tensor copy (one launch on a GPU), not one per row
+            torch._foreach_copy_([cache.conv[slot] for cache in group.caches], list(new_history.unbind(0)))
         return out[:, 0]
     length = group.dense_length
     if length is not None:
@@ -147,7 +146,6 @@ def delta_rule(q, k, v, g, beta, group: RowGroup, kernels=None) -> torch.Tensor:
                 out[span] = o[0]
                 finals.append(s)
             final = torch.cat(finals)
-    if group.caches is not None:
-        for cache, s in zip(group.caches, final):
-            cache.state.copy_(s)
+    if group.caches is not None:  # one multi-tensor copy (one launch on a GPU), not one per row
+        torch._foreach_copy_([cache.state for cache in group.caches], list(final.unbind(0)))
     return out
