@@ -57,7 +57,7 @@ class RowGroup:
 
 
 class ForwardBatch:
-    __slots__ = ("token_ids", "positions", "rows", "placements", "caches")
+    __slots__ = ("token_ids", "positions", "rows", "placements", "caches", "_gathers")
 
     def __init__(self, token_ids: torch.Tensor, rows: list[Row], placements: Sequence[Placement],
                  caches: Sequence[SequenceCache] | None):
@@ -65,6 +65,7 @@ class ForwardBatch:
         self.rows = rows
         self.placements = list(placements)
         self.caches = list(caches) if caches is not None else None
+        self._gathers: dict[tuple[int, ...], tuple[list[Row], torch.Tensor, torch.Tensor]] = {}
         self.positions = torch.cat(
             [torch.arange(r.start, r.start + r.length) for r in rows]
         ).to(token_ids.device)
@@ -101,19 +102,28 @@ class ForwardBatch:
         by_mixer: dict[Mixer, list[int]] = {}
         for i, placement in enumerate(self.placements):
             by_mixer.setdefault(placement[layer], []).append(i)
-        whole = len(by_mixer) == 1
+        if len(by_mixer) == 1:
+            (mixer, members), = by_mixer.items()
+            caches = None if self.caches is None else [cache.layers[layer] for cache in self.caches]
+            return {mixer: RowGroup(self.rows, caches, self.positions, None)}
         groups = {}
         for mixer, members in by_mixer.items():
+            rows, index, positions = self._gather(tuple(members))
             caches = None if self.caches is None else [self.caches[i].layers[layer] for i in members]
-            if whole:
-                groups[mixer] = RowGroup(self.rows, caches, self.positions, None)
-                continue
-            rows, spans, offset = [], [], 0
+            groups[mixer] = RowGroup(rows, caches, positions, index)
+        return groups
+
+    def _gather(self, members: tuple[int, ...]) -> tuple[list[Row], torch.Tensor, torch.Tensor]:
+        """The members' rows re-based onto their gathered tokens, the token index and its positions: built
+        once per distinct set of rows (layers often share one) with a single host-to-device copy."""
+        gather = self._gathers.get(members)
+        if gather is None:
+            rows, tokens, offset = [], [], 0
             for i in members:
                 row = self.rows[i]
                 rows.append(Row(offset, row.length, row.start))
-                spans.append(torch.arange(row.offset, row.offset + row.length))
+                tokens.extend(range(row.offset, row.offset + row.length))
                 offset += row.length
-            index = torch.cat(spans).to(self.token_ids.device)
-            groups[mixer] = RowGroup(rows, caches, self.positions[index], index)
-        return groups
+            index = torch.tensor(tokens, device=self.token_ids.device)
+            gather = self._gathers[members] = (rows, index, self.positions[index])
+        return gather
