@@ -13,7 +13,7 @@ import torch
 from policies.placement import Placement
 from workers.model.batch import ForwardBatch
 from workers.model.supernet import SupernetLM
-from workers.sampling import SamplingParams, sample
+from workers.sampling import SamplingParams, sample_rows
 
 
 @dataclass(slots=True)
@@ -58,9 +58,9 @@ def generate(model: SupernetLM, requests: list[GenerationRequest], use_cache: bo
                                        [placements[i] for i in active], None, device=model.device)
         logits = model(batch)
         still = []
-        for row, i in enumerate(active):
+        chosen = sample_rows(logits, [requests[i].params for i in active], [generators[i] for i in active])
+        for i, token in zip(active, chosen):
             params = requests[i].params
-            token = sample(logits[row], params, generators[i])
             outputs[i].append(token)
             new_tokens[i] = [token]
             if token == eos and not params.ignore_eos:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,18 +36,34 @@ class SamplingParams:
         return torch.Generator(device=device).manual_seed(self.seed if self.seed is not None else 0)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from one row's logits [vocab]."""
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams],
+                generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token per row of ``logits`` [rows, vocab], all rows at once, with one device sync.
+
+    Greedy rows (temperature 0) take the argmax. The others draw from their own temperature / top-k / top-p
+    distribution by inverting its cumulative sum at one uniform number from their own generator, so a row's
+    tokens depend on its seed and logits only, not on what shares its batch.
+    """
+    tokens = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if p.temperature != 0]
+    if sampled:
+        tokens[sampled] = _draw(logits[sampled].float(), [params[i] for i in sampled],
+                                [generators[i] for i in sampled])
+    return tokens.tolist()
+
+
+def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> torch.Tensor:
+    device, vocab = logits.device, logits.shape[-1]
+    logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
+    if any(p.top_k for p in params):  # keep each row's k largest (ties at the k-th included); 0: all
+        k = torch.tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params], device=device)
+        kth = torch.topk(logits, int(k.max())).values.gather(1, (k - 1)[:, None])
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # keep the smallest set reaching top_p
-        sorted_probs[outside] = 0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    # top-p: the smallest most-likely set whose mass reaches top_p (rows at 1.0 keep everything)
+    probs = probs.masked_fill((probs.cumsum(-1) - probs > top_p) & (top_p < 1), 0.0)
+    cumulative = probs.cumsum(-1)
+    uniform = torch.stack([torch.rand((), generator=g, device=device) for g in generators])
+    index = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None]).clamp_(max=vocab - 1)
+    return order.gather(1, index)[:, 0]

@@ -2,9 +2,9 @@
 
 The split follows nano-vllm's ModelRunner: ``prepare`` turns a StepBatch into the
 model's flat ``ForwardBatch`` (decode rows and prefill chunks together, each row
-with its own placement and cache), ``run`` executes it and samples. Greedy rows
-take one batched argmax (one device sync); seeded rows sample with their own
-``torch.Generator``, so a request draws the same tokens whatever shares its batch.
+with its own placement and cache), ``run`` executes it and samples every row at
+once (``sampling.sample_rows``: one device sync); seeded rows draw with their
+own ``torch.Generator``, so a request draws the same tokens whatever shares its batch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from workers.engine.scheduler import StepBatch
 from workers.engine.sequence import Sequence
 from workers.model.batch import ForwardBatch
 from workers.model.supernet import SupernetLM
-from workers.sampling import sample
+from workers.sampling import sample_rows
 
 
 class ModelRunner:
@@ -51,14 +51,11 @@ class ModelRunner:
         return self.sample(logits, batch)
 
     def sample(self, logits: torch.Tensor, batch: StepBatch) -> list[int | None]:
+        wanted = [i for i, want in enumerate(batch.samples) if want]
         tokens: list[int | None] = [None] * batch.num_rows
-        greedy = [i for i, (s, wanted) in enumerate(zip(batch.sequences, batch.samples))
-                  if wanted and s.request.params.temperature == 0]
-        if greedy:
-            chosen = logits[greedy].argmax(dim=-1).tolist()
-            for i, token in zip(greedy, chosen):
+        if wanted:
+            sequences = [batch.sequences[i] for i in wanted]
+            chosen = sample_rows(logits[wanted], [s.request.params for s in sequences], [s.generator for s in sequences])
+            for i, token in zip(wanted, chosen):
                 tokens[i] = token
-        for i, (sequence, wanted) in enumerate(zip(batch.sequences, batch.samples)):
-            if wanted and sequence.request.params.temperature != 0:
-                tokens[i] = sample(logits[i], sequence.request.params, sequence.generator)
         return tokens
