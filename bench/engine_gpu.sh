@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Issue 3, GPU speed: the exact commands the H100 session runs (docs/engine.md, "Speed on a GPU: how to measure").
+# Every pending GPU check, as the GPU session runs them (docs/engine.md, "Speed on a GPU: how to measure"):
+# issue 2's kernel tests, issue 4's 15B speed table, issue 3's 15B engine bench.
 #
-#   1. here (network; the dev machine):      bash bench/engine_gpu.sh wheels
-#   2. on the H100 (device `run`, carry .whl): bash bench/engine_gpu.sh tests    # fla kernels vs torch, ~1-2 min
-#   3. on the H100 (device `run`, carry .whl): bash bench/engine_gpu.sh bench    # the 15B run, ~3-6 min
-#   4. here, with the files of step 3 back:   bash bench/engine_gpu.sh record DIR
+#   1. here (network; the dev machine):        bash bench/engine_gpu.sh wheels
+#   2. on the GPU (device `run`, carry .whl):  bash bench/engine_gpu.sh first    # tests + 15B speed table, ~4-6 min
+#   3. on the GPU (device `run`, carry .whl):  bash bench/engine_gpu.sh bench    # the 15B engine run, ~3-6 min
+#   4. here, with the files of steps 2 and 3:  bash bench/engine_gpu.sh record DIR2 DIR3
+#   5. here (CPU, ~10 min):                    bash bench/engine_gpu.sh simulate  # issue 6 on the measured table
+# (`tests` and `profile` run step 2's halves alone.) Fifteen minutes of device time hold steps 2 and 3 and
+# one machine start; give the machine back after step 3.
 #
 # Steps 2 and 3 write under $OUT (the device tool's folder that comes back; bench/results/gpu elsewhere).
 # The device image has torch, triton, tqdm, safetensors, numpy, pytest, transformers, einops, but not
@@ -19,6 +23,8 @@ BENCH_ARGS=(bench engine --shape superapriel-15b --device cuda --dtype bfloat16 
             --context 16384,32768 --batch auto --max-batch 256 --memory-fraction 0.8 --steps 20 --warmup 3 --seed 0)
 # Default placements: all-attention, the seven published presets (counts spread evenly over 48 layers), all-gdn.
 COMMAND="supernet-router ${BENCH_ARGS[*]} --out engine_gpu.json"
+# The default CUDA grid (workers/profiling.py): batches 1-64, contexts 1k-32k, prefill chunk 2048.
+PROFILE_ARGS=(profile --shape superapriel-15b --device cuda --dtype bfloat16)
 WHEELS=(pydantic==2.14.3 pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
         typing-extensions==4.16.0 flash-linear-attention==0.6.0 fla-core==0.6.0)
 
@@ -45,6 +51,15 @@ tests)
     setup
     "$PY" -m pytest -q tests/gpu -s 2>&1 | tee "$OUT/gpu_tests.log"
     ;;
+profile)
+    setup
+    "$PY" -m router.cli "${PROFILE_ARGS[@]}" --out "$OUT/speed-15b.json" 2>&1 | tee "$OUT/profile.log"
+    ;;
+first)  # one device call for two checks; a failing test does not stop the profile
+    setup
+    "$PY" -m pytest -q tests/gpu -s 2>&1 | tee "$OUT/gpu_tests.log" || true
+    "$PY" -m router.cli "${PROFILE_ARGS[@]}" --out "$OUT/speed-15b.json" 2>&1 | tee "$OUT/profile.log"
+    ;;
 bench)
     setup
     # Table and, last, one JSON summary line on stdout; progress and warnings on stderr.
@@ -52,13 +67,30 @@ bench)
         | tee "$OUT/engine_gpu.txt"
     ;;
 record)
-    dir=${2:?usage: bash bench/engine_gpu.sh record DIR  (the folder holding engine_gpu.json and engine_gpu.txt)}
-    cp "$dir/engine_gpu.json" bench/results/engine_gpu.json
-    tail -n 1 "$dir/engine_gpu.txt" | .venv/bin/python bench/report.py record engine_gpu --command "$COMMAND"
-    .venv/bin/python bench/report.py render
+    first=${2:?usage: bash bench/engine_gpu.sh record DIR2 DIR3  (step 2's files: speed-15b.json; step 3's: engine_gpu.*)}
+    dir=${3:-$first}
+    if [ -f "$first/speed-15b.json" ]; then  # shipped beside the roofline model, named by the GPU it ran on
+        gpu=$(.venv/bin/python -c "import json, re, sys
+name = json.load(open(sys.argv[1]))['fingerprint']['device']  # e.g. 'cuda: NVIDIA H100 80GB HBM3'
+print(re.search(r'\b[A-Z]+[0-9]{2,}\b', name).group().lower())" "$first/speed-15b.json")
+        mkdir -p router/assets/tables
+        cp "$first/speed-15b.json" "router/assets/tables/speed-superapriel-15b-$gpu.json"
+        cp "$first/gpu_tests.log" "bench/results/gpu_tests-$gpu.log"
+    fi
+    if [ -f "$dir/engine_gpu.json" ]; then
+        cp "$dir/engine_gpu.json" bench/results/engine_gpu.json
+        tail -n 1 "$dir/engine_gpu.txt" | .venv/bin/python bench/report.py record engine_gpu --command "$COMMAND"
+        .venv/bin/python bench/report.py render
+    fi
+    ;;
+simulate)  # issue 6: the simulator on the measured table instead of the roofline model
+    table=$(ls router/assets/tables/speed-superapriel-15b-*.json | head -n 1)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/report.py run simulate -- --speed "$table" --requests 600 \
+        --loads 2,4,5,6,7,8 --stats-period 0.1 --plot docs/img/simulation.png \
+        --out bench/results/simulation-sweep-measured.json
     ;;
 *)
-    sed -n '2,12p' "$0"
+    sed -n '2,17p' "$0"
     exit 2
     ;;
 esac
