@@ -48,7 +48,7 @@ class _Base:
     def fleet(self, states: list[WorkerState]) -> Fleet:
         """Per-snapshot work is cached: a replica's view is rebuilt only when its state object changes,
         and the stacked arrays only when some view did."""
-        states = states or [_EMPTY]
+        states = list(states) or [_EMPTY]  # a copy: the caller may reuse its list
         if self._fleet is not None and self._fleet_states == states:  # identity first: one C loop, no __eq__
             return self._fleet
         views = []
@@ -60,7 +60,7 @@ class _Base:
             views.append(view)
         self._fleet = Fleet.stack(tuple(views), self.predictor.onehot, self.predictor.chunk_fixed_ms,
                                   self.predictor.chunk)
-        self._fleet_states = list(states)
+        self._fleet_states = states
         return self._fleet
 
     def _decision(self, p: int, w: int, fleet: Fleet, forecast: Forecast, reason: str, **flags) -> Decision:
