@@ -56,8 +56,9 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[t
     device, vocab = logits.device, logits.shape[-1]
     logits = logits / torch.tensor([p.temperature for p in params], device=device)[:, None]
     if any(p.top_k for p in params):  # keep each row's k largest (ties at the k-th included); 0: all
-        k = torch.tensor([min(p.top_k, vocab) if p.top_k else vocab for p in params], device=device)
-        kth = torch.topk(logits, int(k.max())).values.gather(1, (k - 1)[:, None])
+        ks = [min(p.top_k, vocab) if p.top_k else vocab for p in params]
+        k = torch.tensor(ks, device=device)
+        kth = torch.topk(logits, max(ks)).values.gather(1, (k - 1)[:, None])  # max in Python: no device sync
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
     top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
