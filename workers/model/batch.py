@@ -103,7 +103,7 @@ class ForwardBatch:
         for i, placement in enumerate(self.placements):
             by_mixer.setdefault(placement[layer], []).append(i)
         if len(by_mixer) == 1:
-            (mixer, members), = by_mixer.items()
+            mixer = next(iter(by_mixer))
             caches = None if self.caches is None else [cache.layers[layer] for cache in self.caches]
             return {mixer: RowGroup(self.rows, caches, self.positions, None)}
         groups = {}
