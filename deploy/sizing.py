@@ -98,8 +98,11 @@ def sizing_table(values: Path, gpu_gib: float, context_gib: float, contexts: lis
         "Cache per sequence and layer: attention 2 x 8 KV heads x 128 x 2 bytes = "
         f"{memory.layers[0][_mixer('attention')].token_bytes(2)} bytes per token; sliding window the same, "
         "capped at 4096 tokens; GDN 32 x 128 x 128 x 4 bytes of state + its conv history "
-        f"({memory.layer_bytes(0, _mixer('gdn'), 1)} bytes); KDA likewise "
-        f"({memory.layer_bytes(0, _mixer('kda'), 1)} bytes).",
+        f"({memory.layers[0][_mixer('gdn')].cache_bytes(1, 2, 4)} bytes); KDA likewise "
+        f"({memory.layers[0][_mixer('kda')].cache_bytes(1, 2, 4)} bytes). The engine's pool holds them in "
+        f"blocks of {memory.block_bytes} bytes: an attention page of {memory.page_tokens} tokens, or one "
+        f"GDN/KDA state (the ring of a sliding window takes {memory.layer_blocks(0, _mixer('sliding_window'), 4096)} "
+        f"pages); one block of the budget is the pool's null block.",
         "",
         "| preset | A/S/K/G layers | " + " | ".join(f"cache per sequence @{c // 1024}k | sequences @{c // 1024}k"
                                                    for c in contexts) + " |",
@@ -112,7 +115,7 @@ def sizing_table(values: Path, gpu_gib: float, context_gib: float, contexts: lis
         cells = []
         for context in contexts:
             per_sequence = memory.sequence_bytes(placement, context)
-            cells += [_size(per_sequence), str(budget // per_sequence)]
+            cells += [_size(per_sequence), str(memory.usable_bytes(budget) // per_sequence)]
         lines.append(f"| {preset['name']} | {mix} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

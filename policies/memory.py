@@ -1,22 +1,39 @@
-"""Cache memory per sequence, as a function of placement and context length.
+"""Cache memory per sequence, as a function of placement and context length: exactly what the engine's pool holds.
 
 Pure arithmetic from the model's mixer shapes (no torch), so admission and
-routing can size batches without loading a model. ``workers/`` builds a
-``CacheMemoryModel`` from a checkpoint's config, and its caches hold exactly
-these bytes (a test checks the two agree):
+routing can size batches without loading a model. The engine's cache pool
+(``workers/engine/pool.py``) is one arena of equal *blocks*, and every cache
+is a whole number of them (a test checks the pool against this file):
 
-- attention: keys and values for every token of the context;
-- sliding_window: keys and values for at most ``window`` tokens (a ring);
-- gdn / kda: a fixed fp32 recurrent state per head plus the short
-  convolution's last ``kernel - 1`` inputs per channel.
+- attention: pages of ``page_tokens`` tokens' keys and values, enough for
+  every token of the context (prompt + max_tokens, reserved at admission);
+- sliding_window: a ring of pages holding the last ``window`` tokens (fewer
+  when the whole context is shorter);
+- gdn / kda: one block holding the fp32 recurrent state per head and the
+  short convolutions' last ``kernel - 1`` inputs per channel.
+
+A block must hold either, so its size is the larger of a page and a
+recurrent slot; the page is made long enough (a multiple of 16 tokens) that
+a page is at least a recurrent slot, so neither wastes much of a block. This
+is vLLM's hybrid layout (attention pages sized to match the Mamba state):
+with one block size, one free list serves every mixer, and a GDN-heavy mix
+can use the bytes an attention-heavy one would. Super Apriel 15B in bf16:
+544-token pages, 2.23 MB blocks (a GDN slot is 2.13 MB of it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from policies.errors import InvalidPlacement
 from policies.placement import Mixer, Placement
+
+PAGE_ALIGN_TOKENS = 16  # derived pages are a multiple of this many tokens
+BLOCK_ALIGN_BYTES = 256  # blocks start on this boundary (every element type, and the GPU's allocation unit)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +45,16 @@ class AttentionShape:
     def token_bytes(self, kv_bytes: int) -> int:
         return 2 * self.kv_heads * self.head_size * kv_bytes
 
+    def held_tokens(self, context: int) -> int:
+        """Tokens whose keys and values a sequence of ``context`` tokens keeps (the ring for a window)."""
+        return context if self.window is None else min(context, self.window)
+
     def cache_bytes(self, context: int, kv_bytes: int, state_bytes: int) -> int:
-        tokens = context if self.window is None else min(context, self.window)
-        return tokens * self.token_bytes(kv_bytes)
+        """Bytes of the tokens held (what a decode step reads), before rounding to pages."""
+        return self.held_tokens(context) * self.token_bytes(kv_bytes)
+
+    def num_blocks(self, context: int, page_tokens: int) -> int:
+        return _ceil_div(self.held_tokens(context), page_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,10 +67,15 @@ class DeltaRuleShape:
     conv_channels: int
     conv_kernel: int
 
+    def state_elements(self) -> int:
+        return self.heads * self.key_dim * self.value_dim
+
     def cache_bytes(self, context: int, kv_bytes: int, state_bytes: int) -> int:
-        state = self.heads * self.key_dim * self.value_dim * state_bytes
-        conv = self.conv_channels * (self.conv_kernel - 1) * kv_bytes
-        return state + conv
+        """The state and conv history: constant in the context."""
+        return self.state_elements() * state_bytes + self.conv_channels * (self.conv_kernel - 1) * kv_bytes
+
+    def num_blocks(self, context: int, page_tokens: int) -> int:
+        return 1
 
 
 MixerShape = AttentionShape | DeltaRuleShape
@@ -54,37 +83,72 @@ MixerShape = AttentionShape | DeltaRuleShape
 
 @dataclass(frozen=True, slots=True)
 class CacheMemoryModel:
-    """Per-layer mixer shapes plus the element sizes the caches are stored in.
+    """Per-layer mixer shapes, the element sizes the caches are stored in, and the block layout.
 
     ``kv_bytes``: keys, values and conv history (the model's dtype: 2 for bf16, 4 for fp32).
     ``state_bytes``: recurrent states, kept in fp32 for accuracy.
+    ``page_tokens``: tokens per attention page; None derives it (see the module docstring).
+    ``block_bytes`` follows: the larger of a page and the largest recurrent slot, 256-byte aligned.
     """
 
     layers: tuple[dict[Mixer, MixerShape], ...]
     kv_bytes: int = 2
     state_bytes: int = 4
+    page_tokens: int | None = None
+    block_bytes: int = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        shapes = [shape for layer in self.layers for shape in layer.values()]
+        token = max((s.token_bytes(self.kv_bytes) for s in shapes if isinstance(s, AttentionShape)), default=0)
+        slot = max((s.cache_bytes(0, self.kv_bytes, self.state_bytes) for s in shapes
+                    if isinstance(s, DeltaRuleShape)), default=0)
+        page = self.page_tokens
+        if page is None:  # the shortest aligned page that holds a recurrent slot
+            page = PAGE_ALIGN_TOKENS * max(1, _ceil_div(slot, PAGE_ALIGN_TOKENS * token)) if token else PAGE_ALIGN_TOKENS
+            object.__setattr__(self, "page_tokens", page)
+        elif page < 1:
+            raise ValueError(f"page_tokens must be at least 1, got {page}")
+        block = _ceil_div(max(page * token, slot, 1), BLOCK_ALIGN_BYTES) * BLOCK_ALIGN_BYTES
+        object.__setattr__(self, "block_bytes", block)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
-    def layer_bytes(self, layer: int, mixer: Mixer, context: int) -> int:
+    def shape(self, layer: int, mixer: Mixer) -> MixerShape:
         try:
-            shape = self.layers[layer][mixer]
+            return self.layers[layer][mixer]
         except KeyError:
             raise InvalidPlacement(f"layer {layer} has no {mixer.value} mixer") from None
-        return shape.cache_bytes(context, self.kv_bytes, self.state_bytes)
 
-    def sequence_bytes(self, placement: Placement, context: int) -> int:
-        """Bytes one sequence of ``context`` tokens holds under ``placement``."""
+    def layer_blocks(self, layer: int, mixer: Mixer, context: int) -> int:
+        return self.shape(layer, mixer).num_blocks(context, self.page_tokens)
+
+    def layer_bytes(self, layer: int, mixer: Mixer, context: int) -> int:
+        """Bytes one layer's cache reserves: whole blocks."""
+        return self.layer_blocks(layer, mixer, context) * self.block_bytes
+
+    def sequence_blocks(self, placement: Placement, context: int) -> int:
         if len(placement) != self.num_layers:
             raise InvalidPlacement(
                 f"placement {placement.code} has {len(placement)} layers, the model {self.num_layers}"
             )
-        return sum(self.layer_bytes(i, m, context) for i, m in enumerate(placement))
+        return sum(self.layer_blocks(i, m, context) for i, m in enumerate(placement))
+
+    def sequence_bytes(self, placement: Placement, context: int) -> int:
+        """Bytes one sequence of ``context`` tokens reserves under ``placement`` (page rounding included)."""
+        return self.sequence_blocks(placement, context) * self.block_bytes
+
+    def usable_blocks(self, budget_bytes: int) -> int:
+        """Blocks a pool built on ``budget_bytes`` lends out: all that fit but one (the pool's null block,
+        which padded rows read and write)."""
+        return max(budget_bytes // self.block_bytes - 1, 0)
+
+    def usable_bytes(self, budget_bytes: int) -> int:
+        return self.usable_blocks(budget_bytes) * self.block_bytes
 
     def max_sequences(self, placement: Placement, context: int, budget_bytes: int) -> int:
-        """How many sequences of this placement and context fit in ``budget_bytes``."""
+        """How many sequences of this placement and context fit in ``budget_bytes`` of reservations."""
         per_sequence = self.sequence_bytes(placement, context)
         return budget_bytes // per_sequence if per_sequence else 0
 
@@ -96,6 +160,7 @@ class CacheMemoryModel:
         return {
             "kv_bytes": self.kv_bytes,
             "state_bytes": self.state_bytes,
+            "page_tokens": self.page_tokens,
             "layers": [{m.value: shape_dict(s) for m, s in layer.items()} for layer in self.layers],
         }
 
@@ -106,4 +171,5 @@ class CacheMemoryModel:
             return AttentionShape(**fields) if entry["kind"] == "attention" else DeltaRuleShape(**fields)
 
         layers = tuple({Mixer(name): shape(entry) for name, entry in layer.items()} for layer in data["layers"])
-        return cls(layers=layers, kv_bytes=data["kv_bytes"], state_bytes=data["state_bytes"])
+        return cls(layers=layers, kv_bytes=data["kv_bytes"], state_bytes=data["state_bytes"],
+                   page_tokens=data.get("page_tokens"))

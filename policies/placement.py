@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from policies.errors import InvalidPlacement
 
@@ -51,10 +51,12 @@ class Placement:
     """One mixer per decoder layer; hashable, so batches can group rows by it."""
 
     mixers: tuple[Mixer, ...]
+    code: str = field(init=False, compare=False, repr=False)  # one letter per layer (``AASGKG``), made once
 
     def __post_init__(self) -> None:
         if not self.mixers:
             raise InvalidPlacement("a placement needs at least one layer")
+        object.__setattr__(self, "code", "".join(m.letter for m in self.mixers))
 
     @classmethod
     def parse(cls, spec: "str | Sequence[str] | Placement", num_layers: int | None = None) -> "Placement":
@@ -90,10 +92,6 @@ class Placement:
     @classmethod
     def uniform(cls, mixer: Mixer | str, num_layers: int) -> "Placement":
         return cls((Mixer.parse(mixer) if isinstance(mixer, str) else mixer,) * num_layers)
-
-    @property
-    def code(self) -> str:
-        return "".join(m.letter for m in self.mixers)
 
     @property
     def names(self) -> list[str]:

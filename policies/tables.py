@@ -66,6 +66,8 @@ ShapeEntry = Annotated[AttentionShapeEntry | DeltaRuleShapeEntry, Field(discrimi
 class MemoryEntry(_Model):
     kv_bytes: int = Field(ge=1, description="bytes per cached key, value or conv input (the model dtype)")
     state_bytes: int = Field(ge=1, description="bytes per recurrent state element (fp32: 4)")
+    page_tokens: int | None = Field(None, ge=1, description="tokens per attention page of the engine's cache "
+                                    "pool; absent (tables before pages): derived from the shapes, as the engine does")
     layers: list[dict[str, ShapeEntry]] = Field(description="per layer: mixer name -> cache shape")
 
 

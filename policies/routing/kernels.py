@@ -32,7 +32,7 @@ def _first_at_least(values, lo, hi, x):
 
 @_jit
 def forecast_pairs(prompt_tokens, max_tokens, chunk, chunk_fixed_ms, prefill_contexts, prefill_per_token,
-                   bytes_terms, windows, tpot_terms, calibration, queue_terms, step_now, free, idle, budget,
+                   bytes_terms, windows, page_tokens, tpot_terms, calibration, queue_terms, step_now, free, idle, budget,
                    release_bytes, release_ms, release_start):
     """One request on every (preset p, worker w) pair. ``times`` [4, presets, workers]: queue wait, ttft, tpot
     and completion (ms); ``flags`` [2, presets, workers]: fits (the cache fits the worker once everything
@@ -59,16 +59,17 @@ def forecast_pairs(prompt_tokens, max_tokens, chunk, chunk_fixed_ms, prefill_con
     j = min(i + 1, last)
     chunks = np.ceil(prompt_tokens / chunk)
     prefill = np.empty(presets)
-    need = np.empty(presets)  # cache bytes: const + per full-attention token + per windowed token
+    need = np.empty(presets)  # cache bytes: const + per full-attention page + per windowed page (whole blocks)
     length = prompt_tokens + max_tokens
+    pages = np.ceil(length / page_tokens)
     total_per_token = 0.0
     for p in range(presets):
         per_token = prefill_per_token[p, i] + t * (prefill_per_token[p, j] - prefill_per_token[p, i])
         total_per_token += per_token
         prefill[p] = chunks * chunk_fixed_ms + prompt_tokens * per_token
-        need[p] = bytes_terms[0, p] + length * bytes_terms[1, p]
+        need[p] = bytes_terms[0, p] + pages * bytes_terms[1, p]
         for k in range(len(windows)):
-            need[p] += min(length, windows[k]) * bytes_terms[2 + k, p]
+            need[p] += np.ceil(min(length, windows[k]) / page_tokens) * bytes_terms[2 + k, p]
     context = prompt_tokens + max_tokens / 2
     decode_steps = max(max_tokens - 1, 0.0)
 

@@ -253,6 +253,7 @@ class Predictor:
         return Forecast(*forecast_pairs(
             float(request.prompt_tokens), float(request.max_tokens), float(self.chunk), self.chunk_fixed_ms,
             self.prefill_contexts, self.prefill_per_token, self._bytes.terms, self._bytes.windows,
+            self._bytes.page_tokens,
             fleet.tpot_terms, fleet.calibration, fleet.queue_terms, fleet.step_now, fleet.free, fleet.idle,
             fleet.budget, fleet.release_bytes, fleet.release_ms, fleet.release_start))
 
@@ -261,26 +262,29 @@ class Predictor:
 
 
 class _BytesModel:
-    """Cache bytes of each preset at a context c: [1, c, min(c, window) for each window] @ terms ([F, P]):
-    a constant (recurrent states), full attention's bytes per token, and each window's bytes per token."""
+    """Cache bytes of each preset at a context c, as the engine's pool reserves them (whole blocks):
+    [1, pages(c), pages(min(c, window)) for each window] @ terms ([F, P]), pages(n) = ceil(n / page_tokens):
+    the recurrent layers' blocks, full attention's block per page, each window's block per page."""
 
     def __init__(self, speed: SpeedModel, presets: list[PresetInfo]):
         memory = speed.memory
-        const, per_token = np.zeros(len(presets)), np.zeros(len(presets))
+        block = memory.block_bytes
+        const, per_page = np.zeros(len(presets)), np.zeros(len(presets))
         windowed: dict[int, np.ndarray] = {}
         for i, preset in enumerate(presets):
             for layer, mixer in enumerate(preset.placement):
                 shape = memory.layers[layer][mixer]
                 if isinstance(shape, AttentionShape):
-                    token = shape.token_bytes(memory.kv_bytes)
                     if shape.window is None:
-                        per_token[i] += token
+                        per_page[i] += block
                     else:
-                        windowed.setdefault(shape.window, np.zeros(len(presets)))[i] += token
+                        windowed.setdefault(shape.window, np.zeros(len(presets)))[i] += block
                 else:
-                    const[i] += shape.cache_bytes(0, memory.kv_bytes, memory.state_bytes)
+                    const[i] += block
+        self.page_tokens = float(memory.page_tokens)
         self.windows = np.array(list(windowed), dtype=float)
-        self.terms = np.stack([const, per_token, *windowed.values()])
+        self.terms = np.stack([const, per_page, *windowed.values()])
 
     def sequence_bytes(self, context: int) -> np.ndarray:
-        return np.dot([1, context] + [min(context, window) for window in self.windows.tolist()], self.terms)
+        pages = [-(-n // int(self.page_tokens)) for n in [context] + [min(context, int(w)) for w in self.windows]]
+        return np.dot([1] + pages, self.terms)
