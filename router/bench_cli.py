@@ -30,7 +30,8 @@ def register(commands) -> None:
     engine.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     engine.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
     engine.add_argument("--kernels", default="auto", choices=("auto", "fla", "torch"),
-                        help="GDN/KDA kernels: fla (required), torch, or auto (fla on CUDA when importable)")
+                        help="decode/prefill kernels: fla (the CUDA set, Triton + fla, required), torch (the plain-torch "
+                             "path), or auto (the CUDA set on CUDA when importable, numba on a CPU)")
     engine.add_argument("--placements", type=_names,
                         help="comma-separated: all-attention, all-gdn (any all-<mixer>), published preset names "
                              "(Reg/Lklhd-26 ...) or codes (AASGKG); default: all-attention, the published presets, "
@@ -156,7 +157,8 @@ def run_bench_engine(args) -> int:
         config = load_config(args.checkpoint)
     placements = resolve_placements(args.placements, config)
     if args.kernels == "fla" and device.type != "cuda":
-        raise ConfigError("--kernels fla needs a CUDA device (on a CPU GDN/KDA run the plain-torch path)")
+        raise ConfigError("--kernels fla needs a CUDA device (on a CPU, auto runs the numba kernels, torch the "
+                          "plain-torch path)")
     try:
         if args.shape is not None:
             target = benchmark.build_random_model(args.shape, device, dtype, args.kernels, args.seed)

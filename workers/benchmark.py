@@ -1,9 +1,10 @@
 """Decode speed of the engine per placement, against its memory-bandwidth floor (``supernet-router bench engine``).
 
 A decode step is timed as the engine runs it: ``ModelRunner.run`` over a decode
-``StepBatch`` (``ForwardBatch.build``, the forward over every row's cache, greedy
-argmax). Rows' caches are filled with random values at ``context`` tokens instead
-of prefilling 32k-token prompts, and reset to that length before every step.
+``StepBatch`` (``ForwardBatch.build``, the forward over every row's pool blocks,
+greedy argmax). Rows' blocks are filled with random values at ``context`` tokens
+instead of prefilling 32k-token prompts; nothing advances a row's counter, so
+every step decodes at that context.
 The floor is the bytes a step must read over a measured copy bandwidth. Method,
 formulas and how published presets become placements: docs/engine.md, "Speed on
 a GPU: how to measure".
@@ -27,12 +28,12 @@ from policies.errors import ConfigError
 from policies.memory import AttentionShape, CacheMemoryModel
 from policies.placement import Mixer, Placement
 from policies.published import PublishedPreset
+from workers.engine.pool import CachePool
 from workers.engine.request import Request
 from workers.engine.runner import ModelRunner
 from workers.engine.scheduler import StepBatch
 from workers.engine.sequence import Sequence as EngineSequence
 from workers.engine.sequence import Status
-from workers.model.cache import KVCache, RingKVCache
 from workers.model.config import SupernetConfig, parse_config, supernet_config_dict
 from workers.model.loader import FP32_PARAMETERS
 from workers.model.supernet import SupernetLM
@@ -105,7 +106,12 @@ def build_random_model(shape: str, device: torch.device, dtype: torch.dtype, ker
 
 
 def kernels_in_use(model: SupernetLM) -> str:
-    return "fla" if any(getattr(m, "kernels", None) is not None for m in model.modules()) else "torch"
+    """The kernel set the mixers run ("numba", "triton+fla", "triton"), or "torch" for the plain-torch path."""
+    for module in model.modules():
+        kernels = getattr(module, "kernels", None)
+        if kernels is not None:
+            return kernels.name
+    return "torch"
 
 
 def time_ms(run: Callable[[], object], device: torch.device, warmup: int, repeats: int,
@@ -151,8 +157,9 @@ def cache_budget(device: torch.device, fraction: float) -> int:
 
 
 def auto_batch(memory: CacheMemoryModel, placement: Placement, context: int, budget_bytes: int, max_batch: int) -> int:
-    """Rows that fit: each holds ``context`` tokens and decodes one more, so its cache is sized for context + 1."""
-    return min(max_batch, memory.max_sequences(placement, context + 1, budget_bytes))
+    """Rows that fit a pool built on the budget: each holds ``context`` tokens and decodes one more, so its
+    cache is sized for context + 1."""
+    return min(max_batch, memory.max_sequences(placement, context + 1, memory.usable_bytes(budget_bytes)))
 
 
 def parameter_bytes(module: torch.nn.Module) -> int:
@@ -188,38 +195,23 @@ class StepFloor:
         return self.weight_bytes(placement, batch) + batch * self.row_cache_bytes(placement, context)
 
 
-def prefilled_rows(model: SupernetLM, placement: Placement, context: int, batch: int,
-                   seed: int) -> tuple[StepBatch, Callable[[], None]]:
-    """A decode StepBatch of ``batch`` rows whose caches hold ``context`` random tokens, and a reset to that."""
-    generator = torch.Generator(device=model.device).manual_seed(seed)
+def prefilled_rows(model: SupernetLM, memory: CacheMemoryModel, placement: Placement, context: int, batch: int,
+                   seed: int) -> tuple[StepBatch, CachePool]:
+    """A decode StepBatch of ``batch`` rows whose pool blocks hold ``context`` random tokens, and its pool."""
+    capacity = context + 1
+    need = batch * memory.sequence_blocks(placement, capacity)
+    pool = CachePool(memory, (need + 1) * memory.block_bytes, batch, capacity, model.dtype, model.device)
     tokens = random.Random(seed)
-    step, caches = StepBatch(), []
+    step = StepBatch()
     for i in range(batch):
-        cache = model.new_cache(placement, context + 1)
-        for layer in cache.layers:
-            if isinstance(layer, (KVCache, RingKVCache)):
-                layer.keys.normal_(generator=generator)
-                layer.values.normal_(generator=generator)
-            else:
-                layer.state.normal_(generator=generator).mul_(0.01)
-                for history in layer.conv:
-                    history.normal_(generator=generator)
         token = tokens.randrange(model.config.vocab_size)
         request = Request((token,), placement, SamplingParams(max_tokens=2, ignore_eos=True), request_id=f"bench-{i}")
-        row = EngineSequence(request, i, cache.nbytes(), None)  # stands in for a running sequence at `context`
-        row.status, row.num_computed, row.output_ids, row.cache = Status.RUNNING, context, [token], cache
+        row = EngineSequence(request, i, memory.sequence_bytes(placement, capacity), None)
+        row.status, row.num_computed, row.output_ids = Status.RUNNING, context, [token]  # a sequence at `context`
+        row.blocks = pool.allocate(placement, capacity)
         step.add(row, [token], True)
-        caches.append(cache)
-
-    def reset() -> None:
-        for cache in caches:
-            cache.length = context
-            for layer in cache.layers:
-                if isinstance(layer, (KVCache, RingKVCache)):
-                    layer.length = context
-
-    reset()
-    return step, reset
+    pool.fill_random(torch.Generator(device=model.device).manual_seed(seed))
+    return step, pool
 
 
 @torch.inference_mode()
@@ -227,8 +219,8 @@ def bench_engine(target: ProfileTarget, placements: Sequence[NamedPlacement], co
                  batches: Sequence[int] | None, *, budget_bytes: int | None, bandwidth: float, max_batch: int = 256,
                  warmup: int = 2, steps: int = 10, seed: int = 0, progress: bool | None = None) -> list[dict]:
     """One entry per (placement, context, batch); ``batches`` None: as many rows as fit (``auto_batch``)."""
-    model, runner = target.model, ModelRunner(target.model)
-    memory = model.config.memory_model(kv_bytes=runner.kv_bytes)
+    model = target.model
+    memory = model.config.memory_model(kv_bytes=model.dtype.itemsize)
     floor = StepFloor(model, memory)
     points = [(named, c, b) for c in contexts for named in placements for b in (batches or [None])]
     measured: dict[tuple[str, int, int], list[float]] = {}  # presets with equal counts are timed once
@@ -244,16 +236,17 @@ def bench_engine(target: ProfileTarget, placements: Sequence[NamedPlacement], co
                  "cache_bytes": batch * per_row, "active_weight_bytes": floor.weight_bytes(placement, batch),
                  "floor_bytes": floor(placement, context, batch), "skipped": None}
         entry["floor_ms"] = entry["floor_bytes"] / bandwidth * 1e3
-        if batch < 1 or budget_bytes is not None and batch * per_row > budget_bytes:
+        if batch < 1 or budget_bytes is not None and batch * per_row > memory.usable_bytes(budget_bytes):
             rows = max(batch, 1)
             entry["skipped"] = f"{rows} row(s) need {rows * per_row:,} bytes of cache, the budget is {budget_bytes:,}"
         else:
             key = (placement.code, context, batch)
             try:
                 if key not in measured:
-                    step, reset = prefilled_rows(model, placement, context, batch, seed)
-                    measured[key] = time_ms(lambda: runner.run(step), model.device, warmup, steps, reset)
-                    del step, reset
+                    step, pool = prefilled_rows(model, memory, placement, context, batch, seed)
+                    runner = ModelRunner(model, pool)
+                    measured[key] = time_ms(lambda: runner.run(step), model.device, warmup, steps)
+                    del step, pool, runner
             except torch.OutOfMemoryError:
                 entry["skipped"] = f"out of device memory at {batch} rows"
                 log.warning("%s at context %d: out of memory at %d rows", named.name, context, batch)

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from policies.placement import Placement
-from workers.model.batch import ForwardBatch
+from workers.engine.pool import CachePool
+from workers.model.batch import CacheRows, ForwardBatch
 from workers.model.supernet import SupernetLM
 from workers.sampling import SamplingParams, sample_rows
 
@@ -42,8 +43,9 @@ def generate(model: SupernetLM, requests: list[GenerationRequest], use_cache: bo
             raise ValueError("a prompt needs at least one token")
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
     placements = [r.placement for r in requests]
-    caches = ([model.new_cache(r.placement, len(r.prompt_ids) + r.params.max_tokens) for r in requests]
-              if use_cache else None)
+    if use_cache:
+        pool, blocks = request_pool(model, [(r.placement, len(r.prompt_ids) + r.params.max_tokens) for r in requests])
+    computed = [0] * len(requests)  # tokens already in each request's cache
     generators = [r.params.generator(model.device) for r in requests]
     outputs: list[list[int]] = [[] for _ in requests]
     finish: list[str | None] = [None] * len(requests)
@@ -51,8 +53,9 @@ def generate(model: SupernetLM, requests: list[GenerationRequest], use_cache: bo
     active = list(range(len(requests)))
     while active:
         if use_cache:
+            cache = CacheRows(pool.arena, pool.tables, [blocks[i].row for i in active])
             batch = ForwardBatch.build([new_tokens[i] for i in active], [placements[i] for i in active],
-                                       [caches[i] for i in active], device=model.device)
+                                       [computed[i] for i in active], cache, device=model.device)
         else:
             batch = ForwardBatch.build([requests[i].prompt_ids + outputs[i] for i in active],
                                        [placements[i] for i in active], None, device=model.device)
@@ -61,6 +64,7 @@ def generate(model: SupernetLM, requests: list[GenerationRequest], use_cache: bo
         chosen = sample_rows(logits, [requests[i].params for i in active], [generators[i] for i in active])
         for i, token in zip(active, chosen):
             params = requests[i].params
+            computed[i] += len(new_tokens[i])
             outputs[i].append(token)
             new_tokens[i] = [token]
             if token == eos and not params.ignore_eos:
@@ -71,3 +75,12 @@ def generate(model: SupernetLM, requests: list[GenerationRequest], use_cache: bo
                 still.append(i)
         active = still
     return [GenerationResult(tokens, reason) for tokens, reason in zip(outputs, finish)]
+
+
+def request_pool(model: SupernetLM, sequences: list[tuple[Placement, int]], page_tokens: int | None = None):
+    """A cache pool holding exactly these (placement, capacity) sequences, and their blocks, in order."""
+    memory = model.config.memory_model(kv_bytes=model.dtype.itemsize, page_tokens=page_tokens)
+    need = sum(memory.sequence_blocks(placement, capacity) for placement, capacity in sequences)
+    pool = CachePool(memory, (need + 1) * memory.block_bytes, len(sequences),
+                     max(capacity for _, capacity in sequences), model.dtype, model.device)
+    return pool, [pool.allocate(placement, capacity) for placement, capacity in sequences]

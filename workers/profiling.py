@@ -11,8 +11,9 @@ and stands for all of them:
   the head (embedding lookup, final norm, lm_head) on ``n`` rows.
 
 Caches are filled cheaply: only their sizes matter for the time, so random
-keys, values, states and conv history are written straight into them (no
-prefill is run) and their lengths reset to ``context`` before every timed run.
+keys, values, states and conv history are written straight into the rows'
+pool blocks (no prefill is run); every timed run continues from ``context``
+(nothing advances the rows' counters between runs).
 Each point is run ``warmup`` times untimed, then ``repeats`` times; the median
 is kept (CUDA events on a GPU, ``perf_counter`` on a CPU). Grids are stored as
 the running maximum along each axis: a longer context or a bigger batch never
@@ -35,9 +36,9 @@ import torch
 from tqdm import tqdm
 
 from policies.errors import ConfigError
-from policies.placement import MIXERS
+from policies.placement import MIXERS, Placement
 from policies.tables import Fingerprint, Measurement, MemoryEntry, SpeedFile, utc_now
-from workers.model.batch import Row, RowGroup
+from workers.model.batch import CacheRows, ForwardBatch
 from workers.model.config import SupernetConfig, parse_config, supernet_config_dict
 from workers.model.layers import DepthwiseConv
 from workers.model.loader import FP32_PARAMETERS, load_checkpoint, safetensors_files
@@ -57,7 +58,7 @@ DEFAULT_GRIDS = {  # small on a CPU: the tiny checkpoint profiles in seconds
     "cpu": dict(batches=(1, 2, 4, 8, 16), contexts=(64, 256, 1024, 4096), prefill_chunk=64),
     "cuda": dict(batches=(1, 2, 4, 8, 16, 32, 64), contexts=(1024, 4096, 16384, 32768), prefill_chunk=2048),
 }
-CACHE_FILL = "random keys/values/states written into the caches, lengths reset to the context before each run"
+CACHE_FILL = "random keys/values/states written into the pool blocks of rows at the context"
 
 
 class ProfileTarget:
@@ -182,34 +183,20 @@ class Timer:
         return statistics.median(times)
 
 
-def _filled_caches(mixer, rows: int, context: int, extra: int, model: SupernetLM) -> tuple[list, Callable[[], None]]:
-    """``rows`` caches holding ``context`` random tokens' worth, and a reset back to that length."""
-    caches = [mixer.new_cache(context + extra, model.dtype, model.device) for _ in range(rows)]
-    for cache in caches:
-        for name in ("keys", "values"):
-            if hasattr(cache, name):
-                getattr(cache, name).normal_()
-        if hasattr(cache, "state"):
-            cache.state.normal_().mul_(0.01)
-            for history in cache.conv:
-                history.normal_()
+def _mixer_run(model: SupernetLM, mixer, rows: int, tokens: int, context: int, seed: int = 0):
+    """A closure running layer 0's ``mixer`` on ``rows`` rows of ``tokens`` new tokens after ``context`` cached
+    ones, each row's cache in a pool as the engine keeps it (random contents)."""
+    from workers.generate import request_pool
 
-    def reset() -> None:
-        for cache in caches:
-            if hasattr(cache, "length"):
-                cache.length = context
-
-    reset()
-    return caches, reset
-
-
-def _mixer_run(mixer, model: SupernetLM, rows: int, tokens: int, context: int):
-    """A closure running ``mixer`` on ``rows`` rows of ``tokens`` new tokens after ``context`` cached ones."""
-    caches, reset = _filled_caches(mixer, rows, context, tokens, model)
-    group = RowGroup([Row(i * tokens, tokens, context) for i in range(rows)], caches,
-                     torch.arange(context, context + tokens, device=model.device).repeat(rows), None)
+    placement = Placement.uniform(mixer, model.config.num_layers)
+    pool, blocks = request_pool(model, [(placement, context + tokens)] * rows)
+    pool.fill_random(torch.Generator(device=model.device).manual_seed(seed))
+    cache = CacheRows(pool.arena, pool.tables, [b.row for b in blocks])
+    batch = ForwardBatch.build([[0] * tokens] * rows, [placement] * rows, [context] * rows, cache, model.device)
+    group = batch.groups(0)[mixer]
+    module = model.blocks[0].by_kind[mixer]
     x = torch.randn(rows * tokens, model.config.hidden_size, dtype=model.dtype, device=model.device)
-    return (lambda: mixer(x, group)), reset
+    return lambda: module(x, group)
 
 
 @torch.inference_mode()
@@ -232,9 +219,8 @@ def profile(target: ProfileTarget, batches: Sequence[int], contexts: Sequence[in
 
     decode, prefill = {}, {}
     for mixer in mixers:
-        module = block.by_kind[mixer]
-        decode[mixer.value] = [[timed(*_mixer_run(module, model, b, 1, c)) for c in contexts] for b in batches]
-        prefill[mixer.value] = [timed(*_mixer_run(module, model, 1, prefill_chunk, c)) / prefill_chunk
+        decode[mixer.value] = [[timed(_mixer_run(model, mixer, b, 1, c)) for c in contexts] for b in batches]
+        prefill[mixer.value] = [timed(_mixer_run(model, mixer, 1, prefill_chunk, c)) / prefill_chunk
                                 for c in prefill_contexts]
     shared, head = [], []
     for n in tokens:

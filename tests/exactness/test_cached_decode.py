@@ -4,8 +4,8 @@ with chunked prefill and multi-token steps (fp32, plain-torch path)."""
 import pytest
 import torch
 
-from workers.generate import GenerationRequest, generate
-from workers.model.batch import ForwardBatch
+from workers.generate import GenerationRequest, generate, request_pool
+from workers.model.batch import CacheRows, ForwardBatch
 from workers.sampling import SamplingParams
 
 PLACEMENTS = ["AAAAAA", "SSSSSS", "GGGGGG", "KKKKKK", "ASGKAS", "KGSAGK"]
@@ -17,13 +17,14 @@ def full_logits(model, tokens, code):
     return model(ForwardBatch.build([tokens], [model.config.placement(code)]), all_logits=True)
 
 
-def chunked_logits(model, tokens, code, chunks):
+def chunked_logits(model, tokens, code, chunks, page_tokens=None):
     """With a cache, feeding the sequence in the given chunk sizes; logits at every position."""
     placement = model.config.placement(code)
-    cache = model.new_cache(placement, len(tokens))
+    pool, (blocks,) = request_pool(model, [(placement, len(tokens))], page_tokens)
     out, at = [], 0
     for size in chunks:
-        out.append(model(ForwardBatch.build([tokens[at:at + size]], [placement], [cache]), all_logits=True))
+        cache = CacheRows(pool.arena, pool.tables, [blocks.row])
+        out.append(model(ForwardBatch.build([tokens[at:at + size]], [placement], [at], cache), all_logits=True))
         at += size
     assert at == len(tokens)
     return torch.cat(out)
@@ -47,9 +48,11 @@ def sequence():
     ],
     ids=["decode", "long-prompt", "chunked", "prefill", "multi-token"],
 )
-def test_cached_logits_equal_full_recompute(tiny_model, sequence, code, chunks):
+@pytest.mark.parametrize("page_tokens", [None, 5], ids=["default-pages", "5-token-pages"])
+def test_cached_logits_equal_full_recompute(tiny_model, sequence, code, chunks, page_tokens):
+    """Also with 5-token pages: the window of 16 spans four pages and its ring (20 tokens) wraps mid-page."""
     expected = full_logits(tiny_model, sequence, code)
-    got = chunked_logits(tiny_model, sequence, code, chunks)
+    got = chunked_logits(tiny_model, sequence, code, chunks, page_tokens)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 

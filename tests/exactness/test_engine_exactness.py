@@ -35,9 +35,18 @@ def alone(tiny_model, requests):
             for r in requests}
 
 
-def make_engine(model, tokenizer=None):
-    config = EngineConfig(cache_budget_bytes=50_000_000, max_prefill_tokens=8, check_invariants=True)
+def make_engine(model, tokenizer=None, page_tokens=None):
+    config = EngineConfig(cache_budget_bytes=50_000_000, max_prefill_tokens=8, check_invariants=True,
+                          page_tokens=page_tokens)
     return Engine(model, config, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def kernel_model(tiny_checkpoint):
+    """The tiny model as serving runs it on a CPU: the numba decode kernels (the reference above is plain torch)."""
+    from workers.model.loader import load_checkpoint
+
+    return load_checkpoint(tiny_checkpoint)
 
 
 def tokens_by_request(events):
@@ -48,8 +57,11 @@ def tokens_by_request(events):
     return out
 
 
-def test_concurrent_requests_get_the_tokens_they_get_alone(tiny_model, requests, alone):
-    engine = make_engine(tiny_model)
+@pytest.mark.parametrize("path", ["torch", "kernels"])
+@pytest.mark.parametrize("page_tokens", [None, 4])
+def test_concurrent_requests_get_the_tokens_they_get_alone(tiny_model, kernel_model, requests, alone, path,
+                                                           page_tokens):
+    engine = make_engine(tiny_model if path == "torch" else kernel_model, page_tokens=page_tokens)
     for request in requests:
         engine.add_request(request)
     events = engine.run_until_idle()

@@ -2,8 +2,8 @@
 
 import torch
 
-from workers.generate import GenerationRequest, generate
-from workers.model.batch import ForwardBatch
+from workers.generate import GenerationRequest, generate, request_pool
+from workers.model.batch import CacheRows, ForwardBatch
 from workers.sampling import SamplingParams
 
 CODES = ["AAAAAA", "SSSSSS", "GGGGGG", "KKKKKK", "ASGKAS", "KGSAGK", "GGGGGG"]
@@ -26,25 +26,31 @@ def test_mixed_batch_logits_equal_rows_alone_with_caches(tiny_model):
     generator = torch.Generator().manual_seed(3)
     prompts = [torch.randint(4, 2048, (n,), generator=generator).tolist() for n in (9, 23, 1, 17, 30, 4, 12)]
     placements = [tiny_model.config.placement(c) for c in CODES]
-    caches = [tiny_model.new_cache(p, 64) for p in placements]
-    batch = ForwardBatch.build(prompts, placements, caches)
+    pool, blocks = request_pool(tiny_model, [(p, 64) for p in placements], page_tokens=4)
+    rows = CacheRows(pool.arena, pool.tables, [b.row for b in blocks])
+    batch = ForwardBatch.build(prompts, placements, [0] * len(prompts), rows)
     assert len(batch.groups(0)) == 4  # the first layer really holds four mixer groups
     mixed_prefill = tiny_model(batch, all_logits=True)
     next_tokens = [[int(t)] for t in torch.randint(4, 2048, (len(prompts),), generator=generator)]
-    mixed_decode = tiny_model(ForwardBatch.build(next_tokens, placements, caches))
+    mixed_decode = tiny_model(ForwardBatch.build(next_tokens, placements, [len(p) for p in prompts], rows))
     offset = 0
     for i, (prompt, placement) in enumerate(zip(prompts, placements)):
-        cache = tiny_model.new_cache(placement, 64)
-        alone_prefill = tiny_model(ForwardBatch.build([prompt], [placement], [cache]), all_logits=True)
-        alone_decode = tiny_model(ForwardBatch.build([next_tokens[i]], [placement], [cache]))
+        pool, (own,) = request_pool(tiny_model, [(placement, 64)])
+        alone = CacheRows(pool.arena, pool.tables, [own.row])
+        alone_prefill = tiny_model(ForwardBatch.build([prompt], [placement], [0], alone), all_logits=True)
+        alone_decode = tiny_model(ForwardBatch.build([next_tokens[i]], [placement], [len(prompt)], alone))
         torch.testing.assert_close(mixed_prefill[offset:offset + len(prompt)], alone_prefill, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mixed_decode[i], alone_decode[0], rtol=1e-5, atol=1e-5)
         offset += len(prompt)
 
 
-def test_cache_bytes_match_the_memory_model(tiny_model):
-    memory = tiny_model.config.memory_model(kv_bytes=4)
-    for code in CODES:
-        placement = tiny_model.config.placement(code)
-        for capacity in (8, 16, 100):
-            assert tiny_model.new_cache(placement, capacity).nbytes() == memory.sequence_bytes(placement, capacity)
+def test_pool_blocks_match_the_memory_model(tiny_model):
+    """What the pool takes for a sequence is exactly what policies.memory predicts, page rounding included."""
+    for page_tokens in (None, 3, 16):
+        memory = tiny_model.config.memory_model(kv_bytes=4, page_tokens=page_tokens)
+        for code in CODES:
+            placement = tiny_model.config.placement(code)
+            for capacity in (1, 8, 16, 17, 100):
+                pool, (blocks,) = request_pool(tiny_model, [(placement, capacity)], page_tokens)
+                assert blocks.num_blocks * pool.block_bytes == pool.held_bytes
+                assert pool.held_bytes == memory.sequence_bytes(placement, capacity)

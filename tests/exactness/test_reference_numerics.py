@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from policies.placement import Mixer
-from workers.model.batch import ForwardBatch, Row, RowGroup
+from policies.placement import Mixer, Placement
+from workers.model.batch import ForwardBatch
 from workers.model.recurrent import recurrent_delta_rule
 
 
@@ -147,7 +147,8 @@ REFERENCES = {Mixer.ATTENTION: attention_reference, Mixer.SLIDING_WINDOW: attent
 def test_mixer_matches_the_reference_formulas(tiny_model, mixer):
     module = tiny_model.blocks[2].by_kind[mixer]
     x = torch.randn(40, tiny_model.config.hidden_size, generator=torch.Generator().manual_seed(1))
-    group = RowGroup([Row(0, 40, 0)], None, torch.arange(40), None)
+    placement = Placement.uniform(mixer, tiny_model.config.num_layers)
+    group = ForwardBatch.build([[0] * 40], [placement]).groups(2)[mixer]
     torch.testing.assert_close(module(x, group), REFERENCES[mixer](module, x), rtol=1e-4, atol=1e-5)
 
 

@@ -43,7 +43,7 @@ def test_bench_engine_writes_one_entry_per_placement_and_context(tiny_checkpoint
     assert main(*argv) == 0
     results = json.loads(out.read_text())
     assert results["format"] == "supernet-router/bench-engine" and results["version"] == 1
-    assert results["device"].startswith("cpu: ") and results["num_layers"] == 6 and results["kernels"] == "torch"
+    assert results["device"].startswith("cpu: ") and results["num_layers"] == 6 and results["kernels"] == "numba"
     assert results["bandwidth"]["bytes_per_s"] > 0
     entries = results["results"]
     assert sorted((e["code"], e["context"]) for e in entries) == [("AAAAAA", 64), ("AAAAAA", 128),
@@ -78,12 +78,15 @@ def test_batch_auto_fills_the_cache_budget(tiny_checkpoint, tiny_model, tmp_path
     memory = tiny_model.config.memory_model(kv_bytes=4)
     for e in json.loads(out.read_text())["results"]:
         per_row = memory.sequence_bytes(Placement.parse(e["code"]), 65)
+        usable = memory.usable_bytes(budget)  # a pool on the budget lends all its blocks but the null one
         assert e["batch_mode"] == "auto" and e["sequence_bytes"] == per_row
-        assert e["batch"] == min(6, memory.max_sequences(Placement.parse(e["code"]), 65, budget))
-        assert e["batch"] == 6 or (e["batch"] * per_row <= budget < (e["batch"] + 1) * per_row)
-        assert e["cache_bytes"] == e["batch"] * per_row <= budget
+        assert e["batch"] == min(6, memory.max_sequences(Placement.parse(e["code"]), 65, usable))
+        assert e["batch"] == 6 or (e["batch"] * per_row <= usable < (e["batch"] + 1) * per_row)
+        assert e["cache_bytes"] == e["batch"] * per_row <= usable
     batches = {e["code"]: e["batch"] for e in json.loads(out.read_text())["results"]}
-    assert batches == {"AAAAAA": 3, "GGGGGG": 6, "ASGKAS": 5}  # 99,840 / 33,792 / 53,504 bytes a row; cap 6
+    # 8,192-byte blocks (32-token pages), 35 lent; a row at 65 tokens takes 18 / 6 / 10 blocks
+    assert memory.block_bytes == 8192 and memory.usable_blocks(budget) == 35
+    assert batches == {"AAAAAA": 1, "GGGGGG": 5, "ASGKAS": 3}
 
 
 def test_auto_batch_matches_the_memory_model(tiny_model):
@@ -91,7 +94,7 @@ def test_auto_batch_matches_the_memory_model(tiny_model):
     for code in ("AAAAAA", "SSSSSS", "GGGGGG", "KKKKKK", "ASGKAS"):
         placement = Placement.parse(code)
         for budget in (10_000, 200_000, 5_000_000):
-            fits = memory.max_sequences(placement, 1025, budget)
+            fits = memory.max_sequences(placement, 1025, memory.usable_bytes(budget))
             assert benchmark.auto_batch(memory, placement, 1024, budget, 256) == min(256, fits)
 
 
@@ -160,23 +163,25 @@ def test_floor_counts_active_weights_and_each_rows_cache(tiny_model):
                    if k.value != "attention")
     table = tiny_model.model.embed_tokens.weight
     assert floor.weight_bytes(attention, 0) + inactive + table.numel() * 4 == benchmark.parameter_bytes(tiny_model)
-    assert floor.row_cache_bytes(attention, 100) == memory.sequence_bytes(attention, 100)
-    assert floor.row_cache_bytes(gdn, 100) == 2 * memory.sequence_bytes(gdn, 100)  # the state is read and written
+    def read(placement, context):  # the tokens' and states' own bytes, not the pages reserved for them
+        return sum(memory.layers[i][m].cache_bytes(context, 4, 4) for i, m in enumerate(placement))
+
+    assert floor.row_cache_bytes(attention, 100) == read(attention, 100) < memory.sequence_bytes(attention, 100)
+    assert floor.row_cache_bytes(gdn, 100) == 2 * read(gdn, 100)  # the state is read and written
     assert floor(gdn, 100, 3) == floor.weight_bytes(gdn, 3) + 3 * floor.row_cache_bytes(gdn, 100)
 
 
-def test_prefilled_rows_run_the_engine_step_and_reset(tiny_model):
+def test_prefilled_rows_run_the_engine_step_at_the_same_context(tiny_model):
     placement = Placement.parse("ASGKAS")
-    step, reset = benchmark.prefilled_rows(tiny_model, placement, 20, 3, seed=0)  # past the window of 16
-    tokens = ModelRunner(tiny_model).run(step)
-    assert len(tokens) == 3 and all(0 <= t < tiny_model.config.vocab_size for t in tokens)
-    assert all(s.cache.length == 21 for s in step.sequences)
-    reset()
-    assert all(s.cache.length == 20 and s.cache.layers[0].length == 20 for s in step.sequences)
     memory = tiny_model.config.memory_model(kv_bytes=4)
-    assert all(s.cache.nbytes() == memory.sequence_bytes(placement, 21) for s in step.sequences)
-    ModelRunner(tiny_model).run(step)  # every step starts at the same length (states and conv history move on)
-    assert all(s.cache.length == 21 for s in step.sequences)
+    step, pool = benchmark.prefilled_rows(tiny_model, memory, placement, 20, 3, seed=0)  # past the window of 16
+    runner = ModelRunner(tiny_model, pool)
+    tokens = runner.run(step)
+    assert len(tokens) == 3 and all(0 <= t < tiny_model.config.vocab_size for t in tokens)
+    assert pool.held_bytes == 3 * memory.sequence_bytes(placement, 21) == pool.usable_bytes
+    runner.run(step)  # nothing moved the rows on: every step decodes at 20 (states and conv history move on)
+    assert all(s.num_computed == 20 for s in step.sequences)
+    pool.check_invariants()
 
 
 def test_the_random_model_is_built_in_its_dtype_without_an_fp32_copy():
@@ -190,8 +195,8 @@ def test_the_random_model_is_built_in_its_dtype_without_an_fp32_copy():
     assert {d for n, d in dtypes.items() if not n.endswith(("A_log", "dt_bias"))} == {torch.bfloat16}
     assert all(torch.isfinite(p.float()).all() for p in model.parameters())
     assert model.blocks[0].mixer.mixers.attention.rotary.inv_freq.dtype == torch.float32
-    step, _ = benchmark.prefilled_rows(model, Placement.parse("AG"), 8, 2, seed=0)
-    assert len(ModelRunner(model).run(step)) == 2
+    step, pool = benchmark.prefilled_rows(model, config.memory_model(kv_bytes=2), Placement.parse("AG"), 8, 2, seed=0)
+    assert len(ModelRunner(model, pool).run(step)) == 2
 
 
 def test_speedups_are_over_all_attention_at_the_same_context_beside_the_published_ones():

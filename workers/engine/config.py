@@ -19,6 +19,8 @@ class EngineConfig:
     ``max_running``: rows (admitted sequences) at most; decode batches never exceed it.
     ``step_history``: how many recent steps the stats keep.
     ``check_invariants``: run ``Engine.check_invariants()`` after every step (tests).
+    ``page_tokens``: tokens per KV page of the cache pool; None (the default, and what the router's
+    tables assume) derives it from the model (``policies.memory``). Smaller pages are for tests.
     """
 
     cache_budget_bytes: int | None = None
@@ -27,6 +29,7 @@ class EngineConfig:
     max_running: int = 256
     step_history: int = 64
     check_invariants: bool = False
+    page_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.cache_budget_bytes is not None and self.cache_budget_bytes < 1:
@@ -37,5 +40,7 @@ class EngineConfig:
             raise ConfigError(f"max_prefill_tokens must be at least 1, got {self.max_prefill_tokens}")
         if self.max_running < 1:
             raise ConfigError(f"max_running must be at least 1, got {self.max_running}")
+        if self.page_tokens is not None and self.page_tokens < 1:
+            raise ConfigError(f"page_tokens must be at least 1, got {self.page_tokens}")
         if self.step_history < 1:
             raise ConfigError(f"step_history must be at least 1, got {self.step_history}")

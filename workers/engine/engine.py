@@ -20,7 +20,8 @@ from workers.engine.admission import AdmissionCheck
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import Decoder, Detokenizer
 from workers.engine.request import Request, TokenEvent
-from workers.engine.runner import ModelRunner
+from workers.engine.pool import CachePool
+from workers.engine.runner import ModelRunner, free_device_bytes
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import Sequence, Status
 from workers.engine.stats import EngineStats, SequenceStats, StepRecord
@@ -34,17 +35,21 @@ class Engine:
         self.model = model
         self.config = config or EngineConfig()
         self.tokenizer = tokenizer
-        self.runner = ModelRunner(model)
-        self.memory = model.config.memory_model(kv_bytes=self.runner.kv_bytes)
+        # Keys, values and conv history in the model's dtype; the pool's layout is exactly this model's.
+        self.memory = model.config.memory_model(kv_bytes=model.dtype.itemsize, page_tokens=self.config.page_tokens)
         budget = self.config.cache_budget_bytes
         if budget is None:
-            free = self.runner.free_device_bytes()
+            free = free_device_bytes(model)
             if free is None:
                 raise ConfigError("cache_budget_bytes must be set for an engine on the CPU (on CUDA it defaults "
                                   "to gpu_memory_fraction of the memory free after loading the weights)")
             budget = int(free * self.config.gpu_memory_fraction)
-        self.scheduler = Scheduler(budget, self.config.max_prefill_tokens, self.config.max_running)
-        self.admission = AdmissionCheck(model, self.memory, budget, has_tokenizer=tokenizer is not None)
+        # The whole budget, allocated once; the scheduler lends what the pool lends (all but the null block).
+        self.pool = CachePool(self.memory, budget, self.config.max_running, model.config.max_position_embeddings,
+                              model.dtype, model.device)
+        self.runner = ModelRunner(model, self.pool)
+        self.scheduler = Scheduler(self.pool.usable_bytes, self.config.max_prefill_tokens, self.config.max_running)
+        self.admission = AdmissionCheck(model, self.memory, self.pool.usable_bytes, has_tokenizer=tokenizer is not None)
         self._lock = threading.Lock()  # guards the three fields below
         self._inbox: list[tuple[str, Sequence]] = []  # ("add" | "abort", sequence), in call order
         self._active: dict[str, Sequence] = {}  # submitted and not finished
@@ -112,14 +117,14 @@ class Engine:
         for sequence in self.scheduler.admit():
             try:
                 self.runner.allocate(sequence)
-            except Exception as exc:  # e.g. a device allocation failure: end this stream, keep serving
+            except Exception as exc:  # a bug in the accounting, or the device: end this stream, keep serving
                 log.exception("allocating the cache of %s failed", sequence.request_id)
                 events.append(self._finish(sequence, "error", f"cache allocation failed: {exc!r}"))
         batch = self.scheduler.schedule()
         if batch.num_rows:
             try:
                 tokens = self.runner.run(batch)
-            except Exception as exc:  # the rows' caches are now unusable: end exactly those streams
+            except Exception as exc:  # the rows' caches are now partly written: end exactly those streams
                 log.exception("model step over %d rows failed", batch.num_rows)
                 events += [self._finish(s, "error", f"model step failed: {exc!r}") for s in batch.sequences]
                 tokens = []
@@ -153,13 +158,17 @@ class Engine:
             pending = {s.request_id for op, s in self._inbox if op == "add"}
         queued = {s.request_id for s in self.scheduler.waiting} | {s.request_id for s in self.scheduler.running}
         assert active == queued | pending, f"active requests {active} != queued {queued} + pending {pending}"
+        self.pool.check_invariants()
         for s in self.scheduler.running:
-            assert s.cache is not None, f"{s} runs without a cache"
-            assert s.cache.length == s.num_computed, f"{s}: cache holds {s.cache.length} tokens"
-            held = s.cache.nbytes()
-            assert held == s.cache_bytes, f"{s}: cache holds {held} bytes, reserved {s.cache_bytes}"
+            assert s.blocks is not None, f"{s} runs without cache blocks"
+            held = s.blocks.num_blocks * self.pool.block_bytes
+            predicted = self.memory.sequence_bytes(s.request.placement, s.capacity)
+            assert held == s.cache_bytes == predicted, f"{s}: holds {held} bytes, reserved {s.cache_bytes}, " \
+                                                       f"policies.memory predicts {predicted}"
         stats = self._snapshot
-        assert stats.cache_used_bytes == self.scheduler.used_bytes <= stats.cache_budget_bytes
+        assert self.pool.held_bytes == stats.cache_used_bytes == self.scheduler.used_bytes, \
+            f"the pool holds {self.pool.held_bytes} bytes, the scheduler accounts {self.scheduler.used_bytes}"
+        assert stats.cache_used_bytes <= stats.cache_budget_bytes <= self.pool.arena.nbytes
 
     # ---- internals ----
 
@@ -188,6 +197,7 @@ class Engine:
 
     def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> TokenEvent:
         self.scheduler.finish(sequence)
+        self.runner.release(sequence)
         sequence.finish_reason = reason
         with self._lock:
             self._active.pop(sequence.request_id, None)
@@ -207,4 +217,5 @@ class Engine:
 
 def _sequence_stats(s: Sequence) -> SequenceStats:
     return SequenceStats(s.request.placement.code, s.num_prompt_tokens, len(s.output_ids),
-                         s.request.params.max_tokens, s.cache_bytes, max(s.num_prompt_tokens - s.num_computed, 0))
+                         s.request.params.max_tokens, s.cache_bytes, max(s.num_prompt_tokens - s.num_computed, 0),
+                         s.request_id)

@@ -1,53 +1,73 @@
-"""Runs one scheduled step on the model: allocate caches, build the ForwardBatch, forward, sample.
+"""Runs one scheduled step on the model: take and give back cache blocks, build the ForwardBatch, forward, sample.
 
 The split follows nano-vllm's ModelRunner: ``prepare`` turns a StepBatch into the
 model's flat ``ForwardBatch`` (decode rows and prefill chunks together, each row
-with its own placement and cache), ``run`` executes it and samples every row at
-once (``sampling.sample_rows``: one device sync); seeded rows draw with their
-own ``torch.Generator``, so a request draws the same tokens whatever shares its batch.
+with its own placement, its start at ``Sequence.num_computed`` and its row of the
+pool's block table; every index the step needs built once, one host-to-device
+copy), ``run`` executes it and samples every row at once (``sampling.sample_rows``:
+one device sync); seeded rows draw with their own ``torch.Generator``, so a
+request draws the same tokens whatever shares its batch.
 """
 
 from __future__ import annotations
 
 import torch
 
+from workers.engine.pool import CachePool
 from workers.engine.scheduler import StepBatch
 from workers.engine.sequence import Sequence
-from workers.model.batch import ForwardBatch
+from workers.model.batch import CacheRows, ForwardBatch
 from workers.model.supernet import SupernetLM
 from workers.sampling import sample_rows
 
 
+def free_device_bytes(model: SupernetLM) -> int | None:
+    """Free memory on the model's CUDA device (None on a CPU, where the budget is configured)."""
+    if model.device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(model.device)
+    return int(free)
+
+
 class ModelRunner:
-    def __init__(self, model: SupernetLM):
+    def __init__(self, model: SupernetLM, pool: CachePool):
         self.model = model
-
-    @property
-    def kv_bytes(self) -> int:
-        """Element size of keys, values and conv history: the model's dtype."""
-        return self.model.dtype.itemsize
-
-    def free_device_bytes(self) -> int | None:
-        """Free memory on the model's CUDA device (None on a CPU, where the budget is configured)."""
-        if self.model.device.type != "cuda":
-            return None
-        free, _total = torch.cuda.mem_get_info(self.model.device)
-        return int(free)
+        self.pool = pool
 
     @torch.inference_mode()
     def allocate(self, sequence: Sequence) -> None:
-        """The sequence's cache at prompt + max_tokens (exactly its reserved bytes) and its sampler."""
-        sequence.cache = self.model.new_cache(sequence.request.placement, sequence.capacity)
+        """The sequence's blocks for prompt + max_tokens (exactly its reserved bytes) and its sampler."""
+        sequence.blocks = self.pool.allocate(sequence.request.placement, sequence.capacity)
         sequence.generator = sequence.request.params.generator(self.model.device)
 
-    def prepare(self, batch: StepBatch) -> ForwardBatch:
-        return ForwardBatch.build(batch.token_ids, batch.placements, [s.cache for s in batch.sequences],
-                                  device=self.model.device)
+    def release(self, sequence: Sequence) -> None:
+        """Give a finished (or failed) sequence's blocks back to the pool."""
+        if sequence.blocks is not None:
+            self.pool.release(sequence.blocks)
+        sequence.blocks = None
+        sequence.generator = None
+
+    def prepare(self, batch: StepBatch, order: list[int] | None = None) -> ForwardBatch:
+        """The model's batch for ``batch``'s rows, in ``order`` (default: as scheduled)."""
+        order = range(batch.num_rows) if order is None else order
+        sequences = [batch.sequences[i] for i in order]
+        cache = CacheRows(self.pool.arena, self.pool.tables, [s.blocks.row for s in sequences])
+        return ForwardBatch.build([batch.token_ids[i] for i in order], [s.request.placement for s in sequences],
+                                  [s.num_computed for s in sequences], cache, device=self.model.device)
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> list[int | None]:
-        """Forward one step; a token per row whose logits are wanted, None for mid-prompt chunks."""
-        logits = self.model(self.prepare(batch))
+        """Forward one step; a token per row whose logits are wanted, None for mid-prompt chunks.
+
+        Rows run ordered by placement, so rows that share a mixer at a layer are mostly one run of the
+        batch (slices, not gathers); logits come back in the batch's own order."""
+        order = sorted(range(batch.num_rows), key=lambda i: batch.sequences[i].request.placement.code)
+        logits = self.model(self.prepare(batch, order))
+        if order != sorted(order):
+            inverse = [0] * len(order)
+            for position, i in enumerate(order):
+                inverse[i] = position
+            logits = logits[torch.tensor(inverse, device=logits.device)]
         return self.sample(logits, batch)
 
     def sample(self, logits: torch.Tensor, batch: StepBatch) -> list[int | None]:
@@ -55,7 +75,8 @@ class ModelRunner:
         tokens: list[int | None] = [None] * batch.num_rows
         if wanted:
             sequences = [batch.sequences[i] for i in wanted]
-            chosen = sample_rows(logits[wanted], [s.request.params for s in sequences], [s.generator for s in sequences])
+            rows = logits if len(wanted) == batch.num_rows else logits[wanted]
+            chosen = sample_rows(rows, [s.request.params for s in sequences], [s.generator for s in sequences])
             for i, token in zip(wanted, chosen):
                 tokens[i] = token
         return tokens

@@ -112,15 +112,13 @@ class Scheduler:
                 sequence.output_ids.append(token)
 
     def finish(self, sequence: Sequence) -> None:
-        """Take a sequence out of either queue and free its reservation and cache (idempotent)."""
+        """Take a sequence out of either queue and free its reservation (idempotent; the runner frees its blocks)."""
         if sequence.status is Status.RUNNING:
             self.running.remove(sequence)
             self.used_bytes -= sequence.cache_bytes
         elif sequence.status is Status.WAITING:
             self.waiting.remove(sequence)
         sequence.status = Status.FINISHED
-        sequence.cache = None
-        sequence.generator = None
 
     def check_invariants(self) -> None:
         running_ids = {s.request_id for s in self.running}
@@ -137,7 +135,7 @@ class Scheduler:
         if self.running and self.waiting:
             assert self.running[-1].arrival < self.waiting[0].arrival, "a request overtook an earlier one"
         for s in self.waiting:
-            assert s.num_computed == 0 and not s.output_ids and s.cache is None, f"{s} holds state while waiting"
+            assert s.num_computed == 0 and not s.output_ids and s.blocks is None, f"{s} holds state while waiting"
         for s in self.running:
             assert len(s.output_ids) < s.request.params.max_tokens, f"{s} should have finished"
             if s.output_ids:

@@ -4,11 +4,11 @@ Each field has one owner, so no counter is mutated from two places:
 
 - ``status``, ``num_computed``, ``output_ids``, ``cache_bytes`` accounting: the Scheduler
   (admission, ``postprocess`` after each step, ``finish``);
-- ``cache`` and ``generator``: the ModelRunner allocates them, the Scheduler drops them on finish;
+- ``blocks`` and ``generator``: the ModelRunner takes them at admission and gives them back at finish;
 - ``detokenizer`` and ``finish_reason``: the Engine.
 
-``num_computed`` must equal ``cache.length`` (owned by the model's forward) after every
-step; ``Engine.check_invariants`` checks it.
+``num_computed`` is the one length counter: caches hold no length of their own (the pool's
+pages are addressed by position), so a step that feeds ``n`` tokens moves exactly this.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class Status(enum.Enum):
 
 
 class Sequence:
-    __slots__ = ("request", "arrival", "cache_bytes", "status", "num_computed", "output_ids", "cache",
+    __slots__ = ("request", "arrival", "cache_bytes", "status", "num_computed", "output_ids", "blocks",
                  "generator", "detokenizer", "finish_reason")
 
     def __init__(self, request: Request, arrival: int, cache_bytes: int, detokenizer: Detokenizer):
@@ -36,7 +36,7 @@ class Sequence:
         self.status = Status.WAITING
         self.num_computed = 0  # tokens already run through the model (prompt chunks, then outputs)
         self.output_ids: list[int] = []
-        self.cache = None  # workers.model.cache.SequenceCache while running
+        self.blocks = None  # workers.engine.pool.SequenceBlocks while running
         self.generator = None  # torch.Generator for seeded sampling (None: greedy)
         self.detokenizer = detokenizer
         self.finish_reason: str | None = None

@@ -1,155 +1,161 @@
-"""Per-sequence caches, one object per (sequence, layer) for the mixer that layer runs.
+"""The cache arena: one tensor of equal blocks, of which every mixer's cache is a view (``policies.memory``'s layout).
 
-Sizes match ``policies.memory`` exactly: full attention keeps every token,
-sliding window a ring of ``window`` tokens, GDN/KDA an fp32 state per head plus
-the short convolutions' last ``kernel - 1`` inputs. Buffers are allocated once
-at the sequence's capacity and written by index (gpt-fast style).
+    arena.data  uint8 [num_blocks, block_bytes], allocated once
+
+    attention page   K [kv_heads, page_tokens, head_size] | V [same]          (model dtype)
+    recurrent slot   state [heads, key_dim, value_dim] (fp32) | conv history [kernel-1, channels] per conv
+
+A sequence's attention layer owns a list of pages (its row of the pool's block
+table); token at position p lives on page ``table[(p % ring) // page_tokens]`` at
+offset ``p % page_tokens``, where ``ring`` is the pages' total tokens: full
+attention never wraps (its pages hold the whole context), a sliding window's
+ring holds its last ``ring >= window`` tokens. A recurrent layer owns one block.
+Mixers read and write these views by index (``index_put_``, gathers, or the
+GPU kernels' block tables and state indices); nothing here knows sequences.
+Block 0 is the null block: padded rows point at it and write garbage there.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from policies.placement import Placement
+from policies.memory import AttentionShape, CacheMemoryModel, DeltaRuleShape
+
+NULL_BLOCK = 0
 
 
-class KVCache:
-    """Keys and values of every token so far (full attention)."""
+class KVPages:
+    """Keys and values of every block seen as a page, stored head-major: ``[num_blocks, kv_heads, page_tokens,
+    head_size]`` (a head's page is one contiguous run, so gathering a row's pages per head copies whole runs
+    into ``[tokens, head_size]`` order). ``by_token`` is the same memory as ``[num_blocks, page_tokens, kv_heads,
+    head_size]``, for writing and reading single tokens."""
 
-    __slots__ = ("keys", "values", "length")
+    __slots__ = ("keys", "values", "by_token", "value_offset")
 
-    def __init__(self, capacity: int, kv_heads: int, head_size: int, dtype: torch.dtype, device):
-        self.keys = torch.zeros(capacity, kv_heads, head_size, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
-        self.length = 0
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, value_offset: int):
+        self.keys = keys
+        self.values = values
+        self.by_token = (keys.transpose(1, 2), values.transpose(1, 2))
+        self.value_offset = value_offset  # where V starts in a block, in elements (K starts at 0)
 
-    def extend(self, keys: torch.Tensor, values: torch.Tensor, start: int):
-        """Append new tokens at ``start``; return all keys, values and their positions."""
-        end = start + keys.shape[0]
-        if start != self.length:
-            raise RuntimeError(f"attention cache holds {self.length} tokens, got new tokens at {start}")
-        if end > self.keys.shape[0]:
-            self._grow(end)
-        self.keys[start:end] = keys
-        self.values[start:end] = values
-        self.length = end
-        positions = torch.arange(end, device=keys.device)
-        return self.keys[:end], self.values[:end], positions
 
-    def append(self, key: torch.Tensor, value: torch.Tensor, position: int):
-        """Decode: store one token's key and value [kv_heads, head_size]; return every key and value so far
-        (views, nothing copied), all of which the new token sees."""
-        if position != self.length:
-            raise RuntimeError(f"attention cache holds {self.length} tokens, got new tokens at {position}")
-        if position >= self.keys.shape[0]:
-            self._grow(position + 1)
-        self.keys[position] = key
-        self.values[position] = value
-        self.length = position + 1
-        return self.keys[:self.length], self.values[:self.length]
+class StateSlots:
+    """Every block seen as a recurrent slot: ``state`` [num_blocks, heads, key_dim, value_dim] fp32 and one
+    ``[num_blocks, kernel - 1, channels]`` history per short convolution."""
 
-    def _grow(self, needed: int) -> None:
-        # Only when a caller under-reserved; the engine reserves prompt + max_tokens up front.
-        capacity = max(needed, 2 * self.keys.shape[0])
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_zeros(capacity, *old.shape[1:])
-            new[: self.length] = old[: self.length]
-            setattr(self, name, new)
+    __slots__ = ("state", "conv", "conv_offsets")
 
+    def __init__(self, state: torch.Tensor, conv: list[torch.Tensor], conv_offsets: list[int]):
+        self.state = state
+        self.conv = conv
+        self.conv_offsets = conv_offsets  # where each history starts in a block, in 4-byte words
+
+
+class CacheArena:
+    __slots__ = ("memory", "data", "dtype", "_views", "_numpy")
+
+    def __init__(self, memory: CacheMemoryModel, num_blocks: int, dtype: torch.dtype, device):
+        if dtype.itemsize != memory.kv_bytes:
+            raise ValueError(f"the memory model stores keys in {memory.kv_bytes}-byte elements, the model is {dtype}")
+        self.memory = memory
+        self.dtype = dtype
+        # Zeros, not empty: masked-out key slots are still multiplied by zero weights, and 0 * NaN is NaN.
+        self.data = torch.zeros(num_blocks, memory.block_bytes, dtype=torch.uint8, device=device)
+        self._views: dict[tuple, KVPages | StateSlots] = {}
+        self._numpy = None
+
+    @property
+    def num_blocks(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def page_tokens(self) -> int:
+        return self.memory.page_tokens
+
+    @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return self.data.numel()
+
+    def _region(self, offset: int, nbytes: int, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+        return self.data[:, offset:offset + nbytes].view(dtype).view(self.num_blocks, *shape)
+
+    def kv(self, shape: AttentionShape) -> KVPages:
+        key = ("kv", shape.kv_heads, shape.head_size)
+        view = self._views.get(key)
+        if view is None:
+            dims = (shape.kv_heads, self.page_tokens, shape.head_size)
+            half = self.page_tokens * shape.kv_heads * shape.head_size * self.dtype.itemsize
+            view = self._views[key] = KVPages(self._region(0, half, self.dtype, *dims),
+                                              self._region(half, half, self.dtype, *dims), half // self.dtype.itemsize)
+        return view
+
+    def states(self, shape: DeltaRuleShape, conv_channels: tuple[int, ...]) -> StateSlots:
+        """The slots of a mixer whose convolutions have ``conv_channels`` channels each (GDN one, KDA three)."""
+        if sum(conv_channels) != shape.conv_channels:
+            raise ValueError(f"conv channels {conv_channels} do not add up to the shape's {shape.conv_channels}")
+        key = ("state", shape, conv_channels)
+        view = self._views.get(key)
+        if view is None:
+            assert self.memory.state_bytes == 4, "recurrent states are kept in fp32"
+            state_bytes = shape.state_elements() * 4
+            state = self._region(0, state_bytes, torch.float32, shape.heads, shape.key_dim, shape.value_dim)
+            conv, offsets, offset, history = [], [], state_bytes, shape.conv_kernel - 1
+            for channels in conv_channels:
+                nbytes = history * channels * self.dtype.itemsize
+                conv.append(self._region(offset, nbytes, self.dtype, history, channels))
+                offsets.append(offset // 4)
+                offset += nbytes
+            view = self._views[key] = StateSlots(state, conv, offsets)
+        return view
+
+    def elements(self, dtype: torch.dtype) -> torch.Tensor:
+        """The arena as ``[num_blocks, block_bytes / itemsize]`` elements of ``dtype`` (the kernels' flat view)."""
+        view = self._views.get(("flat", dtype))
+        if view is None:
+            view = self._views[("flat", dtype)] = self.data.view(dtype)
+        return view
+
+    def numpy_f32(self) -> np.ndarray:
+        """The arena's memory as fp32 words [num_blocks, block_bytes / 4] (CPU only; the same memory)."""
+        if self._numpy is None:
+            self._numpy = self.data.numpy().view(np.float32)
+        return self._numpy
+
+    def zero(self, block_ids: torch.Tensor) -> None:
+        """Clear blocks handed to a new sequence: recurrent states and conv histories start at zero."""
+        self.data.index_fill_(0, block_ids, 0)
 
 
-class RingKVCache:
-    """The last ``window`` keys and values (sliding window); token at position p lives in slot p % window.
+class BlockTables:
+    """Which blocks each table row's layers use: ``pages`` [rows, layers, max_pages] (null-padded) and ``rings``
+    [rows, layers], the tokens a layer's pages hold (1 for a recurrent layer), on the host and on the device.
 
-    A sequence shorter than the window gets only ``capacity`` slots (positions below it map to themselves).
+    On a CPU the device tensors share the host arrays' memory; elsewhere a row is copied once when set.
     """
 
-    __slots__ = ("keys", "values", "length", "window")
+    __slots__ = ("pages_host", "rings_host", "pages", "rings")
 
-    def __init__(self, window: int, capacity: int, kv_heads: int, head_size: int, dtype: torch.dtype, device):
-        self.keys = torch.zeros(min(window, capacity), kv_heads, head_size, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
-        self.length = 0
-        self.window = window
+    def __init__(self, max_rows: int, num_layers: int, max_pages: int, device):
+        self.pages_host = np.full((max_rows, num_layers, max_pages), NULL_BLOCK, dtype=np.int64)
+        self.rings_host = np.ones((max_rows, num_layers), dtype=np.int64)
+        if torch.device(device).type == "cpu":
+            self.pages, self.rings = torch.from_numpy(self.pages_host), torch.from_numpy(self.rings_host)
+        else:
+            self.pages = torch.from_numpy(self.pages_host).to(device)
+            self.rings = torch.from_numpy(self.rings_host).to(device)
 
-    def extend(self, keys: torch.Tensor, values: torch.Tensor, start: int):
-        """Return the keys new queries at ``start..`` can see (``window - 1`` earlier ones plus the new), then store."""
-        if start != self.length:
-            raise RuntimeError(f"sliding-window cache holds {self.length} tokens, got new tokens at {start}")
-        device = keys.device
-        size = self.keys.shape[0]
-        if size < self.window and start + keys.shape[0] > size:
-            self._grow(min(self.window, max(start + keys.shape[0], 2 * size)))
-        # Read the history before writing: with several new tokens the ring may overwrite slots they still need.
-        first = max(0, start - (self.window - 1))
-        past = torch.arange(first, start, device=device)
-        slots = past % self.window
-        all_keys = torch.cat([self.keys[slots], keys])
-        all_values = torch.cat([self.values[slots], values])
-        positions = torch.cat([past, torch.arange(start, start + keys.shape[0], device=device)])
-        kept = min(keys.shape[0], self.window)
-        write = positions[-kept:] % self.window
-        self.keys[write] = keys[-kept:]
-        self.values[write] = values[-kept:]
-        self.length = start + keys.shape[0]
-        return all_keys, all_values, positions
+    @property
+    def max_rows(self) -> int:
+        return self.pages_host.shape[0]
 
-    def append(self, key: torch.Tensor, value: torch.Tensor, position: int):
-        """Decode: store one token's key and value in slot ``position % window``; return the ring's filled
-        slots (views, nothing copied). They hold exactly the window the new token sees, in ring order, which
-        attention does not mind: softmax and the weighted sum do not depend on the order of the keys."""
-        if position != self.length:
-            raise RuntimeError(f"sliding-window cache holds {self.length} tokens, got new tokens at {position}")
-        size = self.keys.shape[0]
-        if size < self.window and position >= size:
-            self._grow(min(self.window, max(position + 1, 2 * size)))
-        slot = position % self.window
-        self.keys[slot] = key
-        self.values[slot] = value
-        self.length = position + 1
-        filled = min(self.length, self.window)
-        return self.keys[:filled], self.values[:filled]
+    @property
+    def max_pages(self) -> int:
+        return self.pages_host.shape[2]
 
-    def _grow(self, slots: int) -> None:
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            new = old.new_zeros(slots, *old.shape[1:])
-            new[: old.shape[0]] = old
-            setattr(self, name, new)
-
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
-
-
-class DeltaRuleCache:
-    """GDN/KDA: the fp32 recurrent state per head and the history of each short convolution."""
-
-    __slots__ = ("state", "conv")
-
-    def __init__(self, heads: int, key_dim: int, value_dim: int, conv_channels: list[int], kernel: int,
-                 dtype: torch.dtype, device):
-        self.state = torch.zeros(heads, key_dim, value_dim, dtype=torch.float32, device=device)
-        self.conv = [torch.zeros(kernel - 1, channels, dtype=dtype, device=device) for channels in conv_channels]
-
-    def nbytes(self) -> int:
-        return self.state.nbytes + sum(c.nbytes for c in self.conv)
-
-
-LayerCache = KVCache | RingKVCache | DeltaRuleCache
-
-
-class SequenceCache:
-    """Everything one sequence keeps between steps under its placement: one layer cache per layer."""
-
-    __slots__ = ("placement", "layers", "length")
-
-    def __init__(self, placement: Placement, layers: list[LayerCache]):
-        self.placement = placement
-        self.layers = layers
-        self.length = 0  # tokens already run through the model; owned by SupernetLM.forward
-
-    def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)
+    def set_row(self, row: int, pages: np.ndarray, rings: np.ndarray) -> None:
+        self.pages_host[row] = pages
+        self.rings_host[row] = rings
+        if self.pages.data_ptr() != self.pages_host.ctypes.data:
+            self.pages[row].copy_(torch.from_numpy(pages))
+            self.rings[row].copy_(torch.from_numpy(rings))

@@ -98,15 +98,19 @@ class SupernetConfig:
                 raise InvalidPlacement(f"layer {i} has no {mixer.value} mixer (it holds: {have})")
         return placement
 
-    def memory_model(self, kv_bytes: int = 2) -> CacheMemoryModel:
+    def memory_model(self, kv_bytes: int = 2, page_tokens: int | None = None) -> CacheMemoryModel:
+        """The cache layout of this model: ``kv_bytes`` per key/value/conv element, fp32 states; pages of
+        ``page_tokens`` tokens (None: the derived default, which the router's tables assume)."""
         return CacheMemoryModel(
-            layers=tuple({m: _cache_shape(c) for m, c in layer.mixers.items()} for layer in self.layers),
+            layers=tuple({m: cache_shape(c) for m, c in layer.mixers.items()} for layer in self.layers),
             kv_bytes=kv_bytes,
             state_bytes=4,
+            page_tokens=page_tokens,
         )
 
 
-def _cache_shape(config: MixerConfig):
+def cache_shape(config: MixerConfig):
+    """What one sequence's cache of this mixer holds (``policies.memory``): the pool is laid out from it."""
     if isinstance(config, AttentionConfig):
         return AttentionShape(config.head_groups, config.head_size, config.window_size)
     if isinstance(config, GdnConfig):

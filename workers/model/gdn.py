@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.model.batch import RowGroup
-from workers.model.cache import DeltaRuleCache
-from workers.model.config import GdnConfig
-from workers.model.layers import DepthwiseConv, GatedRMSNorm, activation
+from workers.model.config import GdnConfig, cache_shape
+from workers.model.layers import DepthwiseConv, GatedRMSNorm, activation, cast, fp32
 from workers.model.recurrent import causal_conv, delta_rule
 
 
@@ -31,16 +30,14 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(self.value_head_dim, config.norm_eps)
         self.conv_activation = activation(config.conv_activation)
         self.kernels = kernels
-
-    def new_cache(self, capacity: int, dtype: torch.dtype, device) -> DeltaRuleCache:
-        return DeltaRuleCache(self.value_heads, self.key_head_dim, self.value_head_dim, [self.conv_dim],
-                              self.config.conv_kernel, dtype, device)
+        self.cache_shape, self.conv_split = cache_shape(config), (self.conv_dim,)
 
     def forward(self, x: torch.Tensor, group: RowGroup) -> torch.Tensor:
         tokens = x.shape[0]
         qkv, z = self.in_proj_qkvz(x).split([self.conv_dim, self.value_dim], dim=-1)
         b, a = self.in_proj_ba(x).split([self.value_heads, self.value_heads], dim=-1)
-        qkv = self.conv_activation(causal_conv(self.convolution, qkv, group, slot=0))
+        slots = None if group.cache is None else group.cache.arena.states(self.cache_shape, self.conv_split)
+        qkv = self.conv_activation(causal_conv(self.convolution, qkv, group, slots, 0, self.kernels))
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(tokens, self.key_heads, self.key_head_dim)
         k = k.reshape(tokens, self.key_heads, self.key_head_dim)
@@ -49,7 +46,7 @@ class GatedDeltaNet(nn.Module):
             repeat = self.value_heads // self.key_heads
             q, k = q.repeat_interleave(repeat, dim=1), k.repeat_interleave(repeat, dim=1)
         beta = b.sigmoid()
-        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
-        o = delta_rule(q, k, v, g, beta, group, self.kernels)
+        g = -fp32(self.A_log).exp() * F.softplus(fp32(a) + fp32(self.dt_bias))
+        o = delta_rule(q, k, v, g, beta, group, slots, self.kernels)
         o = self.norm(o, z.reshape(tokens, self.value_heads, self.value_head_dim))
-        return self.out_proj(o.to(x.dtype).reshape(tokens, self.value_dim))
+        return self.out_proj(cast(o, x.dtype).reshape(tokens, self.value_dim))

@@ -7,9 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.model.batch import RowGroup
-from workers.model.cache import DeltaRuleCache
-from workers.model.config import KdaConfig
-from workers.model.layers import DepthwiseConv, GatedRMSNorm
+from workers.model.config import KdaConfig, cache_shape
+from workers.model.layers import DepthwiseConv, GatedRMSNorm, cast, fp32
 from workers.model.recurrent import causal_conv, delta_rule
 
 
@@ -35,21 +34,18 @@ class KimiDeltaAttention(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(size))
         self.norm = GatedRMSNorm(self.head_dim, config.norm_eps, config.norm_activation)
         self.kernels = kernels
-
-    def new_cache(self, capacity: int, dtype: torch.dtype, device) -> DeltaRuleCache:
-        size = self.heads * self.head_dim
-        return DeltaRuleCache(self.heads, self.head_dim, self.head_dim, [size, size, size],
-                              self.config.conv_kernel, dtype, device)
+        self.cache_shape, self.conv_split = cache_shape(config), (size,) * 3
 
     def forward(self, x: torch.Tensor, group: RowGroup) -> torch.Tensor:
         tokens, shape = x.shape[0], (x.shape[0], self.heads, self.head_dim)
-        q = F.silu(causal_conv(self.q_conv, self.q_proj(x), group, slot=0)).reshape(shape)
-        k = F.silu(causal_conv(self.k_conv, self.k_proj(x), group, slot=1)).reshape(shape)
-        v = F.silu(causal_conv(self.v_conv, self.v_proj(x), group, slot=2)).reshape(shape)
+        slots = None if group.cache is None else group.cache.arena.states(self.cache_shape, self.conv_split)
+        q = F.silu(causal_conv(self.q_conv, self.q_proj(x), group, slots, 0, self.kernels)).reshape(shape)
+        k = F.silu(causal_conv(self.k_conv, self.k_proj(x), group, slots, 1, self.kernels)).reshape(shape)
+        v = F.silu(causal_conv(self.v_conv, self.v_proj(x), group, slots, 2, self.kernels)).reshape(shape)
         f = self.f_b_proj(self.f_a_proj(x)).reshape(shape)
-        g = -self.A_log.float().exp()[:, None] * F.softplus(f.float() + self.dt_bias.float().view(self.heads, self.head_dim))
-        beta = self.beta_proj(x).float().sigmoid()
-        o = delta_rule(q, k, v, g, beta, group, self.kernels)
+        g = -fp32(self.A_log).exp()[:, None] * F.softplus(fp32(f) + fp32(self.dt_bias).view(self.heads, self.head_dim))
+        beta = fp32(self.beta_proj(x)).sigmoid()
+        o = delta_rule(q, k, v, g, beta, group, slots, self.kernels)
         gate = self.g_b_proj(self.g_a_proj(x)).reshape(shape)
         o = self.norm(o, gate)
-        return self.o_proj(o.to(x.dtype).reshape(tokens, self.heads * self.head_dim))
+        return self.o_proj(cast(o, x.dtype).reshape(tokens, self.heads * self.head_dim))

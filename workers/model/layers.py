@@ -13,6 +13,15 @@ from torch import nn
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "sigmoid": torch.sigmoid, "relu": F.relu}
 
 
+def fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32 (no dispatch at all when it already is: a decode step is hundreds of small ops)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def activation(name: str):
     try:
         return ACTIVATIONS[name]
@@ -29,10 +38,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 == self.weight.dtype:  # one fused op, the same arithmetic
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
-        x = x.float()
+        x = fp32(x)
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * cast(x, dtype)
 
 
 class GatedRMSNorm(nn.Module):
@@ -46,9 +57,9 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
-        return (x * self.gate_activation(gate.float())).to(dtype)
+        x = fp32(x)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * fp32(self.weight)
+        return cast(x * self.gate_activation(fp32(gate)), dtype)
 
 
 class GatedMLP(nn.Module):
@@ -77,7 +88,7 @@ class DepthwiseConv(nn.Module):
 
     def forward(self, x: torch.Tensor, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` [batch, tokens, channels], ``history`` [batch, kernel-1, channels] -> (out, new history)."""
-        window = torch.cat([history.to(x.dtype), x], dim=1)  # [B, K-1+T, C]
+        window = torch.cat([cast(history, x.dtype), x], dim=1)  # [B, K-1+T, C]
         weight = self.weight[:, 0, :].t()  # [K, C]
         tokens = x.shape[1]
         # out[t] = sum_j window[t + j] * weight[j]: unfold along time, one multiply-add per tap.
@@ -91,20 +102,22 @@ class Rotary(nn.Module):
 
     def __init__(self, head_size: int, theta: float):
         super().__init__()
+        self.head_size, self.theta = head_size, theta  # what a step's cos/sin are cached by
         exponent = torch.arange(0, head_size, 2, dtype=torch.int64).float() / head_size
         self.register_buffer("inv_freq", 1.0 / (theta**exponent), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions.float()[:, None] * self.inv_freq.float()[None, :]
-        angles = torch.cat([angles, angles], dim=-1)  # [T, head_size]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        """cos and *signed* sin at ``positions`` [T, head_size]: sin's first half negated, so ``apply`` needs
+        one roll instead of rotate_half's two slices, a negation and a concatenation."""
+        angles = positions.float()[:, None] * fp32(self.inv_freq)[None, :]
+        sin = angles.sin()
+        return cast(torch.cat([angles, angles], dim=-1).cos(), dtype), cast(torch.cat([-sin, sin], dim=-1), dtype)
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """``x`` [T, heads, head_size]; cos/sin [T, head_size]."""
+    def apply(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """``x`` [T, heads, head_size]: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]."""
         half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos[:, None, :] + rotated * sin[:, None, :]
+        return x * cos[:, None, :] + x.roll(half, dims=-1) * signed_sin[:, None, :]
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

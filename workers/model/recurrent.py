@@ -9,9 +9,15 @@ The delta rule, per head, with state S [dk, dv] in fp32:
 
 with q and k L2-normalised. On a CPU, decode steps run the recurrence as
 written and prefill runs its chunked form (the same sums regrouped into a few
-matrix products per chunk, differentiable for training); on CUDA, fla's
-kernels run instead (``kernels.py``), chunked for prefill and fused-recurrent
-for decode.
+matrix products per chunk, differentiable for training); with kernels
+(``kernels.py``), decode rows update their states in place (numba on a CPU,
+Triton on CUDA) and on CUDA rows of several tokens run fla's chunked kernels.
+
+With a cache, each row's state and conv histories live in its block of the
+engine's pool (``StateSlots``: views [num_blocks, ...] of the arena). One-token
+rows are gathered by block id, updated as one batch and written back with one
+``index_put_`` (the kernels read and write the slots in place instead); rows of
+several tokens run one by one from their own block (fla: in one call).
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from workers.model.batch import RowGroup
-from workers.model.layers import DepthwiseConv, l2_normalize
+from workers.model.cache import StateSlots
+from workers.model.layers import DepthwiseConv, fp32, l2_normalize
 
 
 def recurrent_delta_rule(q, k, v, g, beta, state, scale: float):
@@ -82,70 +89,125 @@ def chunked_delta_rule(q, k, v, g, beta, state, scale: float, chunk: int = 32):
     return torch.cat(outputs, dim=2).transpose(1, 2), state
 
 
-def causal_conv(conv: DepthwiseConv, x: torch.Tensor, group: RowGroup, slot: int) -> torch.Tensor:
-    """Run ``conv`` over each row's new tokens ``x`` [T, C], continuing from its cached history ``slot``."""
+def causal_conv(conv: DepthwiseConv, x: torch.Tensor, group: RowGroup, slots: StateSlots | None, index: int = 0,
+                kernels=None) -> torch.Tensor:
+    """Run ``conv`` over each row's new tokens ``x`` [T, C], continuing from its cached history.
+
+    ``slots``: the mixer's view of the pool (None without a cache); ``index``: which of its conv histories.
+    """
+    if slots is None:
+        return _conv_from_zero(conv, x, group)
+    rows, history = group.set, slots.conv[index]
+    in_place = kernels is not None and kernels.supports(group)
+    if rows.is_decode and in_place:
+        return kernels.conv_decode(conv, x, group, slots, index)
+    blocks = group.blocks()
+    if rows.is_decode:
+        out, new_history = conv(x[:, None, :], history[blocks])
+        history.index_put_((blocks,), new_history)
+        return out[:, 0]
+    out = torch.empty_like(x)
+    if rows.num_decode:
+        tokens = rows.decode_tokens
+        if in_place:
+            out[tokens] = kernels.conv_decode(conv, x[tokens], group, slots, index)
+        else:
+            decode_blocks = blocks[rows.decode_rows]
+            y, new_history = conv(x[tokens][:, None, :], history[decode_blocks])
+            out[tokens] = y[:, 0]
+            history.index_put_((decode_blocks,), new_history)
+    for r in rows.prefill:
+        row, block = rows.rows[r], blocks[r:r + 1]
+        span = slice(row.offset, row.offset + row.length)
+        y, new_history = conv(x[span][None], history[block])
+        out[span] = y[0]
+        history.index_put_((block,), new_history)
+    return out
+
+
+def _conv_from_zero(conv: DepthwiseConv, x: torch.Tensor, group: RowGroup) -> torch.Tensor:
+    """No cache: every row starts from an empty history (training, scoring, full recompute)."""
     history_shape = (conv.kernel - 1, x.shape[-1])
     if group.is_decode:
-        if group.caches is None:
-            history = x.new_zeros(len(group.rows), *history_shape)
-        else:
-            history = torch.stack([cache.conv[slot] for cache in group.caches])
-        out, new_history = conv(x[:, None, :], history)
-        if group.caches is not None:  # one multi-tensor copy (one launch on a GPU), not one per row
-            torch._foreach_copy_([cache.conv[slot] for cache in group.caches], list(new_history.unbind(0)))
-        return out[:, 0]
+        return conv(x[:, None, :], x.new_zeros(len(group.rows), *history_shape))[0][:, 0]
     length = group.dense_length
     if length is not None:
         rows = x.view(len(group.rows), length, x.shape[-1])
         return conv(rows, x.new_zeros(len(group.rows), *history_shape))[0].reshape(x.shape)
     out = torch.empty_like(x)
-    for r, row in enumerate(group.rows):
+    for row in group.rows:
         span = slice(row.offset, row.offset + row.length)
-        cache = None if group.caches is None else group.caches[r]
-        history = x.new_zeros(history_shape) if cache is None else cache.conv[slot]
-        y, new_history = conv(x[span][None], history[None])
-        out[span] = y[0]
-        if cache is not None:
-            cache.conv[slot].copy_(new_history[0])
+        out[span] = conv(x[span][None], x.new_zeros(1, *history_shape))[0][0]
     return out
 
 
-def delta_rule(q, k, v, g, beta, group: RowGroup, kernels=None) -> torch.Tensor:
-    """Run the gated delta rule for every row of ``group``, continuing from and updating cached states.
+def delta_rule(q, k, v, g, beta, group: RowGroup, slots: StateSlots | None, kernels=None) -> torch.Tensor:
+    """Run the gated delta rule for every row of ``group``, continuing from and updating its cached state.
 
-    q, k: [T, H, dk] (not yet normalised), v: [T, H, dv], g: [T, H] or [T, H, dk], beta: [T, H].
-    Returns o [T, H, dv] in fp32.
+    q, k: [T, H, dk] (not yet normalised), v: [T, H, dv], g: [T, H] or [T, H, dk], beta: [T, H];
+    ``slots``: the mixer's view of the pool (None: start from zero, keep nothing). Returns o [T, H, dv] in fp32.
     """
     heads, dk, dv = q.shape[1], q.shape[2], v.shape[2]
     scale = dk**-0.5
-    if group.caches is None:
-        states = q.new_zeros(len(group.rows), heads, dk, dv, dtype=torch.float32)
-    else:
-        states = torch.stack([cache.state for cache in group.caches])
-    if kernels is not None:
-        out, final = kernels.delta_rule(q, k, v, g, beta, states, group, scale)
-    else:
-        q, k = l2_normalize(q.float()), l2_normalize(k.float())
-        v, g, beta = v.float(), g.float(), beta.float()
+    rows = group.set
+    chunk = getattr(kernels, "delta_rule_chunk", None)  # fla's chunked kernels (CUDA only)
+    if slots is not None and kernels is not None and kernels.supports(group) and rows.num_decode:
+        if rows.is_decode:
+            return kernels.delta_rule_decode(q, k, v, g, beta, group, slots, scale)
+        out = q.new_empty(q.shape[0], heads, dv, dtype=torch.float32)
+        tokens = rows.decode_tokens
+        out[tokens] = kernels.delta_rule_decode(q[tokens], k[tokens], v[tokens], g[tokens], beta[tokens], group, slots,
+                                                scale)
+        if chunk is not None and chunk(q, k, v, g, beta, group, slots, scale, out) is not None:
+            return out
+        return _prefill_rows(q, k, v, g, beta, group, slots, scale, out)
+    if chunk is not None and not rows.is_decode:  # prefill rows only, or no cache at all
+        out = q.new_empty(q.shape[0], heads, dv, dtype=torch.float32)
+        if chunk(q, k, v, g, beta, group, slots, scale, out) is not None:
+            return out
+    states = None if slots is None else slots.state
+    blocks = None if states is None else group.blocks()
+    q, k = l2_normalize(fp32(q)), l2_normalize(fp32(k))
+    v, g, beta = fp32(v), fp32(g), fp32(beta)
+    if states is None:
+        zeros = q.new_zeros(len(rows.rows), heads, dk, dv)
         length = group.dense_length
-        if group.is_decode:
-            out, final = recurrent_delta_rule(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], states, scale)
-            out = out[:, 0]
-        elif length is not None:
-            rows = len(group.rows)
-            out, final = chunked_delta_rule(*(x.reshape(rows, length, *x.shape[1:]) for x in (q, k, v, g, beta)),
-                                            states, scale)
-            out = out.reshape(-1, heads, dv)
-        else:
-            out = q.new_empty(q.shape[0], heads, dv)
-            finals = []
-            for r, row in enumerate(group.rows):
-                span = slice(row.offset, row.offset + row.length)
-                o, s = chunked_delta_rule(q[span][None], k[span][None], v[span][None], g[span][None],
-                                            beta[span][None], states[r:r + 1], scale)
-                out[span] = o[0]
-                finals.append(s)
-            final = torch.cat(finals)
-    if group.caches is not None:  # one multi-tensor copy (one launch on a GPU), not one per row
-        torch._foreach_copy_([cache.state for cache in group.caches], list(final.unbind(0)))
+        if rows.is_decode:
+            return recurrent_delta_rule(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], zeros, scale)[0][:, 0]
+        if length is not None:
+            n = len(rows.rows)
+            out, _ = chunked_delta_rule(*(x.reshape(n, length, *x.shape[1:]) for x in (q, k, v, g, beta)), zeros, scale)
+            return out.reshape(-1, heads, dv)
+    if rows.is_decode:
+        out, final = recurrent_delta_rule(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None],
+                                          states[blocks], scale)
+        states.index_put_((blocks,), final)
+        return out[:, 0]
+    out = q.new_empty(q.shape[0], heads, dv)
+    if states is not None and rows.num_decode:
+        tokens, decode_blocks = rows.decode_tokens, blocks[rows.decode_rows]
+        o, final = recurrent_delta_rule(*(x[tokens][:, None] for x in (q, k, v, g, beta)), states[decode_blocks], scale)
+        out[tokens] = o[:, 0]
+        states.index_put_((decode_blocks,), final)
+    return _prefill_rows(q, k, v, g, beta, group, slots, scale, out, normalised=True)
+
+
+def _prefill_rows(q, k, v, g, beta, group: RowGroup, slots: StateSlots | None, scale: float, out: torch.Tensor,
+                  normalised: bool = False) -> torch.Tensor:
+    """Rows of several tokens (every row without a cache), one by one from their own state, into ``out``."""
+    rows, heads, dk, dv = group.set, q.shape[1], q.shape[2], v.shape[2]
+    if not normalised:
+        q, k = l2_normalize(fp32(q)), l2_normalize(fp32(k))
+        v, g, beta = fp32(v), fp32(g), fp32(beta)
+    states = None if slots is None else slots.state
+    blocks = None if states is None else group.blocks()
+    for r in (rows.prefill if states is not None else range(len(rows.rows))):
+        row = rows.rows[r]
+        span = slice(row.offset, row.offset + row.length)
+        initial = q.new_zeros(1, heads, dk, dv) if states is None else states[blocks[r:r + 1]]
+        o, final = chunked_delta_rule(q[span][None], k[span][None], v[span][None], g[span][None], beta[span][None],
+                                      initial, scale)
+        out[span] = o[0]
+        if states is not None:
+            states.index_put_((blocks[r:r + 1],), final)
     return out

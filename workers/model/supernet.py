@@ -17,7 +17,6 @@ from policies.errors import InvalidPlacement
 from policies.placement import Mixer, Placement
 from workers.model.attention import Attention
 from workers.model.batch import ForwardBatch, RowGroup
-from workers.model.cache import SequenceCache
 from workers.model.config import AttentionConfig, GdnConfig, LayerConfig, SupernetConfig
 from workers.model.gdn import GatedDeltaNet
 from workers.model.kda import KimiDeltaAttention
@@ -105,9 +104,10 @@ class SupernetLM(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def use_kernels(self, kernels) -> None:
-        """Route GDN/KDA through ``kernels`` (fla on CUDA), or the plain-torch path with None."""
+        """Route decode attention and GDN/KDA through ``kernels`` (Triton and fla on CUDA: ``kernels.py``),
+        or the plain-torch paths with None."""
         for module in self.modules():
-            if isinstance(module, (GatedDeltaNet, KimiDeltaAttention)):
+            if isinstance(module, (Attention, GatedDeltaNet, KimiDeltaAttention)):
                 module.kernels = kernels
 
     def reset_buffers(self) -> None:
@@ -115,11 +115,6 @@ class SupernetLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Attention):
                 module.rotary = Rotary(module.head_size, module.config.rotary_theta).to(self.device)
-
-    def new_cache(self, placement: Placement, capacity: int) -> SequenceCache:
-        """Empty caches for one sequence of up to ``capacity`` tokens under ``placement``."""
-        layers = [block.by_kind[m].new_cache(capacity, self.dtype, self.device) for block, m in zip(self.blocks, placement)]
-        return SequenceCache(placement, layers)
 
     def check_placement(self, placement: Placement) -> None:
         if len(placement) != len(self.blocks):
@@ -129,17 +124,17 @@ class SupernetLM(nn.Module):
                 raise InvalidPlacement(f"layer {i} has no {mixer.value} mixer")
 
     def forward(self, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:
-        """Logits at each row's last new token ([rows, vocab]), or at every token ([tokens, vocab])."""
-        if batch.caches is not None:
-            for row, cache in zip(batch.rows, batch.caches):
-                if row.start != cache.length:
-                    raise RuntimeError(f"row starts at {row.start} but its cache holds {cache.length} tokens")
+        """Logits at each row's last new token ([rows, vocab]), or at every token ([tokens, vocab]).
+
+        With ``batch.cache``, each row continues from its ``start`` cached tokens and its new tokens are
+        written to the pool; the caller owns the count (the engine's ``Sequence.num_computed``). A cached
+        forward is inference only: it records no autograd history (the pool outlives every step)."""
+        if batch.cache is not None and torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.forward(batch, all_logits)
         h = self.model.embed_tokens(batch.token_ids)
         for i, block in enumerate(self.blocks):
             h = block(h, batch.groups(i))
-        h = self.model.norm(h if all_logits else h[batch.last_token_index()])
-        logits = h @ self.head_weight.t()
-        if batch.caches is not None:
-            for row, cache in zip(batch.rows, batch.caches):
-                cache.length += row.length
-        return logits
+        last = batch.last_token_index()
+        h = self.model.norm(h if all_logits or last is None else h[last])
+        return h @ self.head_weight.t()

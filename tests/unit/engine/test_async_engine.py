@@ -32,7 +32,8 @@ def test_stream_yields_tokens_then_finishes(make_engine, make_request, tiny_toke
 
 def test_refusal_is_raised_at_submission(tiny_model, make_engine, make_request):
     async def main():
-        async with AsyncEngine(make_engine(budget_bytes=1000)) as engine:
+        block = tiny_model.config.memory_model(kv_bytes=4).block_bytes
+        async with AsyncEngine(make_engine(budget_bytes=3 * block)) as engine:  # two blocks lent: too few
             with pytest.raises(ContextTooLong, match="could never be admitted"):
                 engine.submit(make_request("AAAAAA"))
             assert engine.stats().num_waiting == 0

@@ -10,6 +10,8 @@ from policies.placement import Placement
 from workers.engine import Engine, EngineConfig, EngineStats, Request
 from workers.sampling import SamplingParams
 
+from .conftest import PAGE_TOKENS, pool_budget
+
 CODES = ["AAAAAA", "SSSSSS", "GGGGGG", "KKKKKK", "ASGKAS", "KGSAGK"]
 
 
@@ -21,11 +23,12 @@ def by_request(events):
 
 
 def cache_bytes(model, code, context):
-    return model.config.memory_model(kv_bytes=4).sequence_bytes(model.config.placement(code), context)
+    memory = model.config.memory_model(kv_bytes=4, page_tokens=PAGE_TOKENS)
+    return memory.sequence_bytes(model.config.placement(code), context)
 
 
 def test_request_that_can_never_fit_is_refused_at_submission(tiny_model, make_engine, make_request):
-    engine = make_engine(budget_bytes=cache_bytes(tiny_model, "AAAAAA", 40))
+    engine = make_engine(budget_bytes=pool_budget(tiny_model, cache_bytes(tiny_model, "AAAAAA", 40)))
     request = make_request("AAAAAA", prompt_tokens=30, max_tokens=30, request_id="big")
     with pytest.raises(ContextTooLong) as raised:
         engine.add_request(request)
@@ -109,7 +112,7 @@ def test_cancel_frees_the_cache_at_the_next_step(make_engine, make_request):
     assert engine.abort(cancel.request_id) and engine.stats().cache_used_bytes == used  # nothing before the step
     events = engine.step()
     assert [e.finish_reason for e in events if e.request_id == cancel.request_id] == ["abort"]
-    assert engine.stats().cache_used_bytes == used - sequence.cache_bytes and sequence.cache is None
+    assert engine.stats().cache_used_bytes == used - sequence.cache_bytes and sequence.blocks is None
     assert not engine.abort(cancel.request_id)  # already gone
     rest = engine.run_until_idle()
     assert all(e.request_id == keep.request_id for e in rest) and rest[-1].finish_reason == "length"
@@ -119,7 +122,7 @@ def test_burst_stays_within_budget_and_is_admitted_in_order(tiny_model, make_eng
     requests = [make_request(CODES[i % len(CODES)], prompt_tokens=10 + i, max_tokens=4 + i % 5, ignore_eos=True)
                 for i in range(12)]
     need = [cache_bytes(tiny_model, r.placement.code, r.context_tokens) for r in requests]
-    engine = make_engine(budget_bytes=max(need) + sorted(need)[len(need) // 2])
+    engine = make_engine(budget_bytes=pool_budget(tiny_model, max(need) + sorted(need)[len(need) // 2]))
     for request in requests:
         engine.add_request(request)
     admitted, finished, peak = [], [], 0
@@ -137,7 +140,8 @@ def test_burst_stays_within_budget_and_is_admitted_in_order(tiny_model, make_eng
 
 
 def test_stats_snapshot(tiny_model, make_engine, make_request):
-    engine = make_engine(budget_bytes=cache_bytes(tiny_model, "AAAAAA", 30) * 2, step_history=4)
+    engine = make_engine(budget_bytes=pool_budget(tiny_model, cache_bytes(tiny_model, "AAAAAA", 30) * 2),
+                         step_history=4)
     requests = [make_request("AAAAAA", prompt_tokens=20, max_tokens=10) for _ in range(3)]
     for request in requests:
         engine.add_request(request)
@@ -193,7 +197,7 @@ def test_a_failed_model_step_ends_exactly_its_rows_with_an_error(make_engine, ma
 def test_random_submit_cancel_finish_keeps_invariants(tiny_model, make_engine, make_request, seed):
     rng = random.Random(seed)
     budget = cache_bytes(tiny_model, "AAAAAA", 45)  # long all-attention requests are refused, others queue
-    engine = make_engine(budget_bytes=budget, max_prefill_tokens=rng.choice([3, 8, 32]),
+    engine = make_engine(budget_bytes=pool_budget(tiny_model, budget), max_prefill_tokens=rng.choice([3, 8, 32]),
                          max_running=rng.choice([2, 4, 64]))
     submitted, events = [], []
     for _ in range(60):

@@ -70,6 +70,7 @@ def test_bad_configs_name_the_key(raw, message):
 
 def test_memory_model_matches_the_15b_shapes():
     memory = parse_config(SUPER_APRIEL_15B).memory_model(kv_bytes=2)
-    # Full attention: 2 (k, v) x 8 kv heads x 128 x 2 bytes per token per layer.
-    assert memory.layer_bytes(0, Mixer.ATTENTION, 1000) == 1000 * 4096
-    assert memory.layer_bytes(0, Mixer.KDA, 10) == 32 * 128 * 128 * 4 + 3 * 4096 * 3 * 2
+    # Full attention: 2 (k, v) x 8 kv heads x 128 x 2 bytes per token per layer, on 544-token pages.
+    assert memory.layers[0][Mixer.ATTENTION].cache_bytes(1000, 2, 4) == 1000 * 4096
+    assert memory.layers[0][Mixer.KDA].cache_bytes(10, 2, 4) == 32 * 128 * 128 * 4 + 3 * 4096 * 3 * 2
+    assert memory.page_tokens == 544 and memory.layer_bytes(0, Mixer.ATTENTION, 1000) == 2 * 544 * 4096
