@@ -14,6 +14,10 @@ import torch  # noqa: E402
 # One intra-op thread: tiny tensors gain nothing from more, and oversubscribed
 # OpenMP threads spin (a 100x slowdown when another process holds a core).
 torch.set_num_threads(1)
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors (tests/unit/model/test_triton_kernels.py).
+# Read when a kernel is defined, so set before any test imports workers.model.triton_kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

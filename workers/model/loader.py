@@ -107,7 +107,8 @@ def build_model(config: SupernetConfig, tensors: dict[str, torch.Tensor], source
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                     kernels: str = "auto") -> SupernetLM:
-    """Load a supernet; ``kernels`` "auto" uses fla on CUDA when installed, "torch" forces the plain-torch path."""
+    """Load a supernet; ``kernels``: "auto" picks ``kernels.select_kernels`` (Triton + fla on CUDA, numba on a
+    CPU), "fla" requires the CUDA set, "torch" forces the plain-torch path."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no such checkpoint folder (make one with `supernet-router checkpoint tiny --out DIR`)")
