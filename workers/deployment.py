@@ -18,7 +18,7 @@ import torch
 
 from policies.errors import EngineFailure
 from policies.placement import Placement
-from workers.engine import AsyncEngine, Engine, EngineConfig, Request
+from workers.engine import AsyncEngine, Engine, EngineConfig, Request, ServingEngine
 from workers.model.loader import load_checkpoint
 from workers.model.tokenizer import Tokenizer
 from workers.sampling import SamplingParams
@@ -58,6 +58,11 @@ def build_engine(spec: WorkerSpec) -> Engine:
     return Engine(model, config, Tokenizer.load(spec.checkpoint))
 
 
+def build_serving_engine(spec: WorkerSpec) -> ServingEngine:
+    """The default engine behind a replica: ours, stepped in its own thread."""
+    return AsyncEngine(build_engine(spec))
+
+
 def request_from_dict(data: dict, num_layers: int) -> Request:
     params = data.get("params", {})
     return Request(
@@ -80,7 +85,8 @@ def routing_stats(stats) -> dict:
     decode_steps.sort()
     return {
         "taken_at": time.time(),
-        "running": [[s.placement, s.context_tokens, s.max_tokens - s.output_tokens, s.cache_bytes]
+        # The request id lets the router drop rows it has seen finish since this snapshot was taken.
+        "running": [[s.placement, s.context_tokens, s.max_tokens - s.output_tokens, s.cache_bytes, s.request_id]
                     for s in stats.running],
         "waiting_requests": len(stats.waiting),
         "waiting_prompt_tokens": stats.waiting_prompt_tokens,
@@ -105,11 +111,11 @@ class WorkerObserver(Protocol):
 class WorkerServer:
     """A Serve replica's body; ``router/app.py`` turns it into a deployment."""
 
-    def __init__(self, spec: WorkerSpec, engine_factory: Callable[[WorkerSpec], Engine] = build_engine,
+    def __init__(self, spec: WorkerSpec, engine_factory: Callable[[WorkerSpec], ServingEngine] = build_serving_engine,
                  observer: WorkerObserver | None = None):
         self.spec = spec
-        self.engine = AsyncEngine(engine_factory(spec))
-        self.num_layers = self.engine.engine.model.config.num_layers
+        self.engine = engine_factory(spec)  # only the ServingEngine calls (workers/engine/seam.py) from here on
+        self.num_layers = self.engine.facts.num_layers
         self.observer = observer
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:

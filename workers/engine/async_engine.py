@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from policies.errors import EngineFailure, InvalidRequest
 from workers.engine.engine import Engine
 from workers.engine.request import Request, TokenEvent
+from workers.engine.seam import ModelFacts
 from workers.engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,13 @@ class RequestStream:
 
 
 class AsyncEngine:
-    """``async with AsyncEngine(engine) as e: stream = e.submit(request)``."""
+    """``async with AsyncEngine(engine) as e: stream = e.submit(request)``; a ``seam.ServingEngine``."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        config = engine.model.config
+        self.facts = ModelFacts(config.num_layers, config.vocab_size, config.max_position_embeddings,
+                                str(engine.model.dtype).removeprefix("torch."), str(engine.model.device))
         self._queues: dict[str, asyncio.Queue] = {}  # loop thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None

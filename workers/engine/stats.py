@@ -32,6 +32,7 @@ class SequenceStats:
     max_tokens: int
     cache_bytes: int  # reserved while running; what it will reserve while waiting
     prefill_tokens_left: int
+    request_id: str = ""
 
     @property
     def context_tokens(self) -> int:
