@@ -38,6 +38,7 @@ class RoutingService:
         self.num_layers = num_layers
         self.calibration: dict[str, float] = {}
         self._in_flight: dict[str, dict[str, float]] = {}  # replica -> request id -> when it was dispatched
+        self._finished: dict[str, dict[str, float]] = {}  # replica -> request id -> when it finished here
         self._snapshots: dict[str, tuple[float, WorkerState]] = {}  # replica -> (stats time, state)
         self._lock = threading.Lock()
 
@@ -53,29 +54,51 @@ class RoutingService:
             taken = float(stats.get("taken_at", 0.0))
             with self._lock:  # dispatched after the snapshot was taken, so not in it yet
                 in_flight = sum(1 for at in self._in_flight.get(replica_id, {}).values() if at > taken)
+                gone = self._gone(replica_id, taken)
             cached = self._snapshots.get(replica_id)
-            if cached is None or cached[0] != taken or cached[1].in_flight != in_flight:
-                cached = (taken, self._state(replica_id, stats, in_flight))
+            if cached is None or cached[0] != taken:  # a new measurement: calibrate on the rows it measured
+                self._calibrate(replica_id, stats)
+            if cached is None or cached[0] != taken or cached[1].in_flight != in_flight or cached[2] != gone:
+                cached = (taken, self._state(replica_id, stats, in_flight, gone), gone)
                 self._snapshots[replica_id] = cached
             states.append(cached[1])
         return states
 
-    def _state(self, replica_id: str, stats: dict, in_flight: int) -> WorkerState:
+    def _gone(self, replica_id: str, taken: float) -> frozenset[str]:
+        """Requests seen to finish here after the snapshot of ``taken`` (they are in it, but no longer run).
+        Those that finished before it are forgotten: a snapshot taken later no longer lists them."""
+        finished = self._finished.get(replica_id)
+        if not finished:
+            return frozenset()
+        oldest = max(taken, time.time() - STALE_AFTER_S)  # (and no memory of requests past any snapshot's age)
+        for request_id in [r for r, at in finished.items() if at < oldest]:
+            del finished[request_id]
+        return frozenset(finished)
+
+    def _state(self, replica_id: str, stats: dict, in_flight: int, gone: frozenset[str] = frozenset()) -> WorkerState:
         age = time.time() - float(stats.get("taken_at", 0.0))
         if not stats or age > STALE_AFTER_S:
             return WorkerState(replica_id, cache_budget_bytes=int(stats.get("cache_budget_bytes", 2**62)),
                                in_flight=in_flight, age_s=age, calibration=self.calibration.get(replica_id, 1.0))
-        running = tuple(RunningRow(Placement.parse(code, self.num_layers), int(context), int(remaining), int(size))
-                        for code, context, remaining, size in stats.get("running", ()))
-        self._calibrate(replica_id, running, stats.get("decode_step_ms"))
+        running = tuple(row for row, request_id in self._rows(stats) if request_id not in gone)
         return WorkerState(
             replica_id, running, int(stats.get("waiting_requests", 0)), int(stats.get("waiting_prompt_tokens", 0)),
             int(stats.get("prefill_backlog_tokens", 0)), int(stats.get("waiting_cache_bytes", 0)),
             int(stats.get("cache_budget_bytes", 0)), int(stats.get("cache_used_bytes", 0)),
             self.calibration.get(replica_id, 1.0), age, in_flight)
 
-    def _calibrate(self, replica_id: str, running: tuple[RunningRow, ...], measured_ms: float | None) -> None:
-        if not running or not measured_ms:
+    def _rows(self, stats: dict) -> list[tuple[RunningRow, str | None]]:
+        """The snapshot's running rows and their request ids (None from workers that do not send them)."""
+        return [(RunningRow(Placement.parse(code, self.num_layers), int(context), int(remaining), int(size)),
+                 request_id[0] if request_id else None)
+                for code, context, remaining, size, *request_id in stats.get("running", ())]
+
+    def _calibrate(self, replica_id: str, stats: dict) -> None:
+        measured_ms = stats.get("decode_step_ms")
+        if not measured_ms or time.time() - float(stats.get("taken_at", 0.0)) > STALE_AFTER_S:
+            return
+        running = [row for row, _ in self._rows(stats)]
+        if not running:
             return
         predicted = self.predictor.speed.step([(r.placement, r.context_tokens) for r in running]).ms
         if predicted <= 0:
@@ -93,3 +116,4 @@ class RoutingService:
         if replica_id:
             with self._lock:
                 self._in_flight.get(replica_id, {}).pop(request_id, None)
+                self._finished.setdefault(replica_id, {})[request_id] = time.time()

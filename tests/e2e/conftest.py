@@ -28,22 +28,38 @@ PRESETS = [
 ]
 
 
-def routed_presets(checkpoint, folder):
-    """A CPU speed table for the tiny checkpoint, and two presets where the slower one is rated better
-    (on a CPU attention is often the fastest mixer, so which is slower is read from the measured table)."""
-    from policies.tables import read_speed_model, write_table
-    from workers import profiling
+def routed_presets(checkpoint, folder, attention_factor: float = 10.0):
+    """A speed table for the tiny checkpoint and two presets where the slower one (all attention) is rated better.
 
-    device = profiling.resolve_device("cpu")
-    target = profiling.load_target(checkpoint, None, device, profiling.resolve_dtype(None, device))
-    speed = folder / "speed.json"
-    write_table(speed, profiling.profile(target, [1, 2, 4, 8], [64, 256, 1024], 64, warmup=1, repeats=3,
-                                         progress=False))
-    model = read_speed_model(speed)
+    The table is computed (the roofline arithmetic on the tiny shapes, attention's decode times multiplied
+    by ``attention_factor``), not profiled here: a profile of this shared machine reorders close mixers from
+    run to run, and a test must not depend on its timing. What the server predicts is the table times the
+    replica's online calibration (measured / predicted step, kept within 0.2..20): a test that compares
+    predictions across requests needs presets whose predicted steps differ by more than that range."""
     from policies.placement import Placement
+    from policies.roofline import roofline_speed_dict
+    from policies.tables import SpeedFile, read_speed_model, write_table
+    from workers.model.config import load_config
+    from workers.model.tiny import TINY_SHAPE
 
-    codes = ["AAAAAA", "KKKKKK"]
-    slower, faster = sorted(codes, key=lambda c: -model.homogeneous_step(Placement.parse(c), 1, 64).ms)
+    config = load_config(checkpoint)
+    t = TINY_SHAPE
+    shape = {"hidden": t["hidden_size"], "ffn": t["intermediate_size"], "vocab": config.vocab_size,
+             "layers": config.num_layers, "heads": t["heads"], "kv_heads": t["head_groups"],
+             "head_size": t["head_size"], "window": t["window_size"], "gdn_key_heads": t["gdn_key_heads"],
+             "gdn_value_heads": t["gdn_value_heads"], "gdn_dim": t["gdn_key_head_dim"], "kda_heads": t["kda_heads"],
+             "kda_dim": t["kda_head_dim"]}
+    cpu = {"name": "a CPU core", "bandwidth": 5e9, "flops": 2e10}  # about this machine's order of magnitude
+    table = roofline_speed_dict(config.memory_model(kv_bytes=4), shape, cpu, batches=(1, 2, 4, 8),
+                                contexts=(64, 256, 1024), prefill_contexts=(0, 256, 1024), tokens=(1, 16, 64),
+                                prefill_chunk=64, weight_bytes=4)
+    table["decode_ms"]["attention"] = [[attention_factor * ms for ms in row] for row in table["decode_ms"]["attention"]]
+    table["fingerprint"].update(model=checkpoint.name, dtype="float32")
+    speed = folder / f"speed-x{attention_factor:g}.json"
+    write_table(speed, SpeedFile.model_validate(table))
+    model = read_speed_model(speed)
+    slower, faster = sorted(["AAAAAA", "KKKKKK"], key=lambda c: -model.homogeneous_step(Placement.parse(c), 1, 64).ms)
+    assert (slower, faster) == ("AAAAAA", "KKKKKK")
     return speed, [{"name": "careful", "placement": slower, "quality": 1.0},
                    {"name": "quick", "placement": faster, "quality": 0.8}]
 
@@ -56,8 +72,15 @@ class ServeCluster:
 
 @pytest.fixture(scope="session")
 def routed_tables(tiny_checkpoint, tmp_path_factory):
-    """(speed table path, presets) for budget routing on the tiny checkpoint."""
+    """(speed table path, presets) for a routed application on the tiny checkpoint."""
     return routed_presets(tiny_checkpoint, tmp_path_factory.mktemp("tables"))
+
+
+@pytest.fixture(scope="session")
+def budget_tables(tiny_checkpoint, tmp_path_factory):
+    """As ``routed_tables``, with attention a million times slower in the table: the budget test's presets stay
+    apart (by 1000 times at the geometric mean) whatever the calibration does."""
+    return routed_presets(tiny_checkpoint, tmp_path_factory.mktemp("tables"), attention_factor=1e6)
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +89,7 @@ def serve_url(serve_cluster):
 
 
 @pytest.fixture(scope="session")
-def serve_cluster(tiny_checkpoint, tmp_path_factory, routed_tables):
+def serve_cluster(tiny_checkpoint, tmp_path_factory, budget_tables):
     import ray
     from ray import serve
 
@@ -89,7 +112,7 @@ def serve_cluster(tiny_checkpoint, tmp_path_factory, routed_tables):
     small = {**base, "worker": {"cache_budget_bytes": 64 * 2**20, "max_ongoing_requests": 1,
                                 "max_queued_requests": 1, "max_running": 1}}
     serve.run(build_app(AppConfig.from_dict(small)), name="small", route_prefix="/small")
-    speed, presets = routed_tables
+    speed, presets = budget_tables
     routed = {**base, "presets": presets, "tables": {"speed": str(speed)}, "routing": {"stats_period_s": 0.2},
               "ingress": {"model_name": "tiny"}}
     serve.run(build_app(AppConfig.from_dict(routed)), name="routed", route_prefix="/routed")

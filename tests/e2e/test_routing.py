@@ -17,9 +17,13 @@ def test_two_requests_that_differ_only_in_budget_get_different_presets(serve_url
     quick = post(serve_url, {**body, "preset": "quick"})
     quick_tpot = float(quick.headers["x-predicted-tpot-ms"])
     assert quick_tpot < careful_tpot
-    budget = (quick_tpot + careful_tpot) / 2 / 0.9  # meets quick's prediction with the margin, not careful's
+    # Meets quick's prediction with the margin, not careful's, under any calibration (conftest.budget_tables).
+    # (A finished request still listed by the replica's last stats snapshot is not counted: the router saw it
+    # finish, router/routing.py; counted, careful's row would make quick's step as slow as careful's.)
+    budget = (quick_tpot * careful_tpot) ** 0.5 / 0.9
     tight = post(serve_url, body, {"x-slo-tpot-ms": f"{budget:.4f}"})
-    assert tight.headers["x-preset"] == "quick" and tight.headers["x-placement"] != loose.headers["x-placement"]
+    assert tight.headers["x-preset"] == "quick", (careful_tpot, quick_tpot, budget, tight.json()["routing"])
+    assert tight.headers["x-placement"] != loose.headers["x-placement"]
     routing = tight.json()["routing"]
     assert routing["preset"] == "quick" and routing["reason"] == "best quality that meets the budget"
     assert not routing["sla_at_risk"] and float(tight.headers["x-predicted-tpot-ms"]) <= budget * 0.9
