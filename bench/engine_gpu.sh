@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every pending GPU check, as the GPU session runs them (docs/engine.md, "Speed on a GPU: how to measure"):
-# issue 2's kernel tests, issue 4's 15B speed table, issue 3's 15B engine bench.
+# issue 2's kernel tests (now also issue 15's Triton decode kernels, compiled), issue 15's launches per decode
+# step (bench/decode_ops.py --device cuda), issue 4's 15B speed table, issue 3's 15B engine bench (its engine
+# steps are issue 15's: paged pools, Triton decode, fla chunked prefill).
 #
 #   1. here (network; the dev machine):        bash bench/engine_gpu.sh wheels
 #   2. on the GPU (device `run`, carry .whl):  bash bench/engine_gpu.sh first    # tests + 15B speed table, ~4-6 min
@@ -55,9 +57,12 @@ profile)
     setup
     "$PY" -m router.cli "${PROFILE_ARGS[@]}" --out "$OUT/speed-15b.json" 2>&1 | tee "$OUT/profile.log"
     ;;
-first)  # one device call for two checks; a failing test does not stop the profile
+first)  # one device call for three checks; a failing test does not stop the rest
     setup
-    "$PY" -m pytest -q tests/gpu -s 2>&1 | tee "$OUT/gpu_tests.log" || true
+    # The GPU kernel tests: tests/gpu (fla prefill + Triton decode) and the Triton kernels compiled (not interpreted).
+    "$PY" -m pytest -q tests/gpu tests/unit/model/test_triton_kernels.py -s 2>&1 | tee "$OUT/gpu_tests.log" || true
+    # Issue 15: launches per decode step on CUDA do not grow with the batch (default checkpoint, bf16).
+    "$PY" bench/decode_ops.py --device cuda --repeats 1 2>&1 | tee "$OUT/decode_ops_cuda.txt" || true
     "$PY" -m router.cli "${PROFILE_ARGS[@]}" --out "$OUT/speed-15b.json" 2>&1 | tee "$OUT/profile.log"
     ;;
 bench)
@@ -76,6 +81,10 @@ print(re.search(r'\b[A-Z]+[0-9]{2,}\b', name).group().lower())" "$first/speed-15
         mkdir -p router/assets/tables
         cp "$first/speed-15b.json" "router/assets/tables/speed-superapriel-15b-$gpu.json"
         cp "$first/gpu_tests.log" "bench/results/gpu_tests-$gpu.log"
+    fi
+    if [ -f "$first/decode_ops_cuda.txt" ]; then
+        tail -n 1 "$first/decode_ops_cuda.txt" | .venv/bin/python bench/report.py record decode_ops_cuda \
+            --command "python bench/decode_ops.py --device cuda --repeats 1"
     fi
     if [ -f "$dir/engine_gpu.json" ]; then
         cp "$dir/engine_gpu.json" bench/results/engine_gpu.json
