@@ -32,6 +32,9 @@ def register(commands) -> None:
     engine.add_argument("--kernels", default="auto", choices=("auto", "fla", "torch"),
                         help="decode/prefill kernels: fla (the CUDA set, Triton + fla, required), torch (the plain-torch "
                              "path), or auto (the CUDA set on CUDA when importable, numba on a CPU)")
+    engine.add_argument("--graphs", default="auto", choices=("auto", "capture", "eager", "off"),
+                        help="uniform decode steps from CUDA graphs (workers/engine/graphs.py): auto (default: "
+                             "captured on CUDA, off on a CPU), capture, eager (the static step uncaptured) or off")
     engine.add_argument("--placements", type=_names,
                         help="comma-separated: all-attention, all-gdn (any all-<mixer>), published preset names "
                              "(Reg/Lklhd-26 ...) or codes (AASGKG); default: all-attention, the published presets, "
@@ -176,10 +179,11 @@ def run_bench_engine(args) -> int:
         source = f"{args.memory_fraction} x the device memory free after the weights"
     entries = benchmark.bench_engine(target, placements, contexts, args.batch, budget_bytes=budget,
                                      bandwidth=bandwidth, max_batch=args.max_batch, warmup=args.warmup,
-                                     steps=args.steps, seed=args.seed)
+                                     steps=args.steps, seed=args.seed, decode_graphs=args.graphs)
+    graphs = args.graphs if args.graphs != "auto" else ("capture" if device.type == "cuda" else "off")
     results = results_file(target, device, dtype, bandwidth, budget, source if budget else None, entries, {
         "contexts": contexts, "batch": args.batch or "auto", "max_batch": args.max_batch, "steps": args.steps,
-        "warmup": args.warmup, "seed": args.seed})
+        "warmup": args.warmup, "seed": args.seed, "decode_graphs": graphs})
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

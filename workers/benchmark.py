@@ -217,8 +217,11 @@ def prefilled_rows(model: SupernetLM, memory: CacheMemoryModel, placement: Place
 @torch.inference_mode()
 def bench_engine(target: ProfileTarget, placements: Sequence[NamedPlacement], contexts: Sequence[int],
                  batches: Sequence[int] | None, *, budget_bytes: int | None, bandwidth: float, max_batch: int = 256,
-                 warmup: int = 2, steps: int = 10, seed: int = 0, progress: bool | None = None) -> list[dict]:
-    """One entry per (placement, context, batch); ``batches`` None: as many rows as fit (``auto_batch``)."""
+                 warmup: int = 2, steps: int = 10, seed: int = 0, progress: bool | None = None,
+                 decode_graphs: str = "auto") -> list[dict]:
+    """One entry per (placement, context, batch); ``batches`` None: as many rows as fit (``auto_batch``).
+    ``decode_graphs``: as ``EngineConfig.decode_graphs`` (auto: the step from a CUDA graph on CUDA, captured
+    during the warm-up steps)."""
     model = target.model
     memory = model.config.memory_model(kv_bytes=model.dtype.itemsize)
     floor = StepFloor(model, memory)
@@ -244,7 +247,7 @@ def bench_engine(target: ProfileTarget, placements: Sequence[NamedPlacement], co
             try:
                 if key not in measured:
                     step, pool = prefilled_rows(model, memory, placement, context, batch, seed)
-                    runner = ModelRunner(model, pool)
+                    runner = ModelRunner(model, pool, decode_graphs)
                     measured[key] = time_ms(lambda: runner.run(step), model.device, warmup, steps)
                     del step, pool, runner
             except torch.OutOfMemoryError:

@@ -21,6 +21,8 @@ class EngineConfig:
     ``check_invariants``: run ``Engine.check_invariants()`` after every step (tests).
     ``page_tokens``: tokens per KV page of the cache pool; None (the default, and what the router's
     tables assume) derives it from the model (``policies.memory``). Smaller pages are for tests.
+    ``decode_graphs``: replay uniform-placement decode steps from CUDA graphs (``graphs.py``): "auto" (capture
+    on CUDA, off on a CPU), "capture", "eager" (the same static step, not captured), or "off".
     """
 
     cache_budget_bytes: int | None = None
@@ -30,6 +32,7 @@ class EngineConfig:
     step_history: int = 64
     check_invariants: bool = False
     page_tokens: int | None = None
+    decode_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         if self.cache_budget_bytes is not None and self.cache_budget_bytes < 1:
@@ -42,5 +45,7 @@ class EngineConfig:
             raise ConfigError(f"max_running must be at least 1, got {self.max_running}")
         if self.page_tokens is not None and self.page_tokens < 1:
             raise ConfigError(f"page_tokens must be at least 1, got {self.page_tokens}")
+        if self.decode_graphs not in ("auto", "capture", "eager", "off"):
+            raise ConfigError(f"decode_graphs must be auto, capture, eager or off, got {self.decode_graphs!r}")
         if self.step_history < 1:
             raise ConfigError(f"step_history must be at least 1, got {self.step_history}")

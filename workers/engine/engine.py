@@ -47,7 +47,7 @@ class Engine:
         # The whole budget, allocated once; the scheduler lends what the pool lends (all but the null block).
         self.pool = CachePool(self.memory, budget, self.config.max_running, model.config.max_position_embeddings,
                               model.dtype, model.device)
-        self.runner = ModelRunner(model, self.pool)
+        self.runner = ModelRunner(model, self.pool, self.config.decode_graphs)
         self.scheduler = Scheduler(self.pool.usable_bytes, self.config.max_prefill_tokens, self.config.max_running)
         self.admission = AdmissionCheck(model, self.memory, self.pool.usable_bytes, has_tokenizer=tokenizer is not None)
         self._lock = threading.Lock()  # guards the three fields below

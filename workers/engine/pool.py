@@ -8,11 +8,13 @@ the scheduler accounts in bytes and the router predicts with
 preemption. Any block serves any mixer of any layer, so one budget covers every
 mix of placements.
 
-The block table is ``[max_rows, num_layers, max_pages]``: a running sequence owns
+The block table is ``[max_rows + 1, num_layers, max_pages]``: a running sequence owns
 one row (its ``SequenceBlocks.row``); layer l's pages are ``table[row, l, :n]``
 (a recurrent layer's one block at ``[row, l, 0]``), ``rings[row, l]`` the tokens
-those pages hold. The table lives on the model's device (on a CPU it shares the
-host array's memory), written once per admission; a step only sends row numbers.
+those pages hold; the last row is the padding row, all null, that padded rows of
+a captured decode batch use (``graphs.py``). The table lives on the model's device
+(on a CPU it shares the host array's memory), written once per admission; a step
+only sends row numbers.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ class CachePool:
         # No sequence can own more pages than the pool lends, whatever its context.
         max_pages = min(usable, max(shape.num_blocks(max_context, memory.page_tokens)
                                     for layer in memory.layers for shape in layer.values()))
-        self.tables = BlockTables(max_rows, memory.num_layers, max_pages, device)
+        # One row more than can run: the padding row (all null blocks, never lent) of captured decode batches.
+        self.tables = BlockTables(max_rows + 1, memory.num_layers, max_pages, device)
+        self.padding_row = max_rows
         self._free_blocks = list(range(num_blocks - 1, NULL_BLOCK, -1))  # popped from the end: low ids first
         self._free_rows = list(range(max_rows - 1, -1, -1))
         self._held: dict[int, SequenceBlocks] = {}  # row -> its blocks
@@ -147,5 +151,6 @@ class CachePool:
         everything = held + self._free_blocks
         assert len(everything) == len(set(everything)) == self.usable_blocks, "a block is lost or owned twice"
         assert NULL_BLOCK not in everything, "the null block was lent out"
-        assert len(self._held) + len(self._free_rows) == self.tables.max_rows, "a table row is lost"
+        assert len(self._held) + len(self._free_rows) == self.padding_row, "a table row is lost"
+        assert (self.tables.pages_host[self.padding_row] == NULL_BLOCK).all(), "the padding row points at a block"
         assert self.held_bytes == len(held) * self.block_bytes <= self.usable_bytes

@@ -4,7 +4,8 @@ The split follows nano-vllm's ModelRunner: ``prepare`` turns a StepBatch into th
 model's flat ``ForwardBatch`` (decode rows and prefill chunks together, each row
 with its own placement, its start at ``Sequence.num_computed`` and its row of the
 pool's block table; every index the step needs built once, one host-to-device
-copy), ``run`` executes it and samples every row at once (``sampling.sample_rows``:
+copy), ``run`` executes it (a uniform decode step from a CUDA graph, ``graphs.py``)
+and samples every row at once (``sampling.sample_rows``:
 one device sync); seeded rows draw with their own ``torch.Generator``, so a
 request draws the same tokens whatever shares its batch.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from workers.engine.graphs import DecodeGraphs
 from workers.engine.pool import CachePool
 from workers.engine.scheduler import StepBatch
 from workers.engine.sequence import Sequence
@@ -30,9 +32,13 @@ def free_device_bytes(model: SupernetLM) -> int | None:
 
 
 class ModelRunner:
-    def __init__(self, model: SupernetLM, pool: CachePool):
+    def __init__(self, model: SupernetLM, pool: CachePool, decode_graphs: str = "off"):
+        """``decode_graphs``: as ``EngineConfig.decode_graphs`` ("auto": captured on CUDA, off on a CPU)."""
         self.model = model
         self.pool = pool
+        if decode_graphs == "auto":
+            decode_graphs = "capture" if model.device.type == "cuda" else "off"
+        self.graphs = None if decode_graphs == "off" else DecodeGraphs(model, pool, pool.padding_row, decode_graphs)
 
     @torch.inference_mode()
     def allocate(self, sequence: Sequence) -> None:
@@ -57,26 +63,31 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: StepBatch) -> list[int | None]:
-        """Forward one step; a token per row whose logits are wanted, None for mid-prompt chunks.
+        """Forward one step; a token per row whose logits are wanted, None for mid-prompt chunks, in the
+        batch's order.
 
         Rows run ordered by placement, so rows that share a mixer at a layer are mostly one run of the
-        batch (slices, not gathers); logits come back in the batch's own order."""
-        order = sorted(range(batch.num_rows), key=lambda i: batch.sequences[i].request.placement.code)
-        logits = self.model(self.prepare(batch, order))
-        if order != sorted(order):
-            inverse = [0] * len(order)
-            for position, i in enumerate(order):
-                inverse[i] = position
-            logits = logits[torch.tensor(inverse, device=logits.device)]
-        return self.sample(logits, batch)
+        batch (slices, not gathers)."""
+        placements = batch.placements
+        if self.graphs is not None and self.graphs.accepts(placements, batch.token_ids):
+            sequences = batch.sequences
+            logits = self.graphs.run(placements[0], [t[0] for t in batch.token_ids],
+                                     [s.num_computed for s in sequences], [s.blocks.row for s in sequences])
+            return self.sample(logits, batch)
+        order = sorted(range(batch.num_rows), key=lambda i: placements[i].code)
+        logits = self.model(self.prepare(batch, order))  # row k of logits is batch row order[k]
+        return self.sample(logits, batch, order)
 
-    def sample(self, logits: torch.Tensor, batch: StepBatch) -> list[int | None]:
-        wanted = [i for i, want in enumerate(batch.samples) if want]
+    def sample(self, logits: torch.Tensor, batch: StepBatch, order: list[int] | None = None) -> list[int | None]:
+        """A token per row of ``batch`` whose logits are wanted; logits row k belongs to batch row ``order[k]``
+        (sampled in that order and put back: cheaper than reordering [rows, vocab] logits)."""
+        order = range(batch.num_rows) if order is None else order
+        wanted = [k for k, i in enumerate(order) if batch.samples[i]]
         tokens: list[int | None] = [None] * batch.num_rows
         if wanted:
-            sequences = [batch.sequences[i] for i in wanted]
+            sequences = [batch.sequences[order[k]] for k in wanted]
             rows = logits if len(wanted) == batch.num_rows else logits[wanted]
             chosen = sample_rows(rows, [s.request.params for s in sequences], [s.generator for s in sequences])
-            for i, token in zip(wanted, chosen):
-                tokens[i] = token
+            for k, token in zip(wanted, chosen):
+                tokens[order[k]] = token
         return tokens

@@ -196,6 +196,12 @@ class StepCache:
     __slots__ = ("arena", "tables", "table_rows_host", "write_page", "write_offset", "page_tokens", "memo",
                  "static_pages", "ends_host")
 
+    @property
+    def host_rows(self) -> bool:
+        """Whether the rows' positions and table rows are known on the host (not in a captured batch, whose
+        buffers change between replays): the CPU kernels and prefill rows need them."""
+        return self.table_rows_host is not None
+
     def pages_read(self, rows: RowSet, layer: int) -> int:
         """The most pages a one-token row of ``rows`` reads at ``layer``: ceil(min(position + 1, ring) / page)."""
         picked = np.array([i for i, row in enumerate(rows.rows) if row.length == 1])
@@ -347,12 +353,8 @@ class ForwardBatch:
         table_rows = views["table_rows"]
         for key, rows_set in self._sets.items():
             rows_set.table_rows = table_rows if key is None else table_rows[rows_set.row_index]
-        # Every token's write slot on every layer: page table[(p % ring) // page], offset p % page.
         token_rows = table_rows if "token_row" not in views else table_rows[views["token_row"]]
-        rings = cache.tables.rings[token_rows]  # [T, L]
-        local = self.positions[:, None] % rings
-        layers = torch.arange(rings.shape[1], device=rings.device)
-        page = cache.tables.pages[token_rows[:, None], layers[None, :], local // step.page_tokens]
+        page, rings = _write_pages(cache.tables, token_rows, self.positions, step.page_tokens)
         ends = starts + lengths  # a row of more tokens than a ring holds writes only its last ring's worth
         rings_host = cache.tables.rings_host[step.table_rows_host]
         if (lengths[:, None] > rings_host).any():
@@ -360,3 +362,37 @@ class ForwardBatch:
             page = torch.where((last - self.positions)[:, None] < rings, page, NULL_BLOCK)
         step.write_page, step.write_offset = page, self.positions % step.page_tokens
         return step
+
+    @classmethod
+    def static_decode(cls, token_ids: torch.Tensor, positions: torch.Tensor, table_rows: torch.Tensor,
+                      placement: Placement, arena: CacheArena, tables: BlockTables) -> "ForwardBatch":
+        """One token per row, one placement, every index already on the device in persistent buffers (a
+        captured decode step, ``workers/engine/graphs.py``): built with device ops only, so a CUDA graph can
+        record it, and reading every row's full page table (``static_pages``) so its launches never change."""
+        self = cls.__new__(cls)
+        rows = token_ids.shape[0]
+        self.rows = [Row(i, 1, 0) for i in range(rows)]  # (starts live on the device only)
+        self.placements = [placement] * rows
+        self._cos_sin = {}
+        whole = RowSet(None, self.rows)
+        whole.positions, whole.table_rows = positions, table_rows
+        self._sets = {None: whole}
+        self._groups = [{mixer: whole} for mixer in placement]
+        self.token_ids, self.positions, self.positions_host = token_ids, positions, None
+        step = StepCache()
+        step.arena, step.tables, step.page_tokens = arena, tables, arena.page_tokens
+        step.memo, step.static_pages = {}, tables.max_pages
+        step.table_rows_host = step.ends_host = None
+        step.write_page, _ = _write_pages(tables, table_rows, positions, step.page_tokens)
+        step.write_offset = positions % step.page_tokens
+        self.cache = step
+        return self
+
+
+def _write_pages(tables: BlockTables, token_rows: torch.Tensor, positions: torch.Tensor,
+                 page_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token's write page on every layer, ``table[(p % ring) // page]`` [T, L], and the rings [T, L]."""
+    rings = tables.rings[token_rows]
+    local = positions[:, None] % rings
+    layers = torch.arange(rings.shape[1], device=rings.device)
+    return tables.pages[token_rows[:, None], layers[None, :], local // page_tokens], rings

@@ -32,45 +32,64 @@ _jit = numba.njit(cache=True, nogil=True, fastmath=True)
 NO_WINDOW = 1 << 62
 
 
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _dot(a, b):
+    s = np.float32(0.0)
+    for d in range(a.shape[0]):
+        s += a[d] * b[d]
+    return s
+
+@numba.njit(cache=True, fastmath=True, inline="always")
+def _axpy(w, x, into):
+    for d in range(x.shape[0]):
+        into[d] += w * x[d]
+
 @_jit
-def _paged_decode(q, arena, kv_heads, page, value_offset, pages, rings, layer, table_rows, positions, window,
+def _paged_decode(q, arena, words, kv_heads, page, value_offset, pages, rings, layer, table_rows, positions, window,
                   scale, out):
+    """``arena``: the fp32 words as one flat array, ``words`` per block. Keys and values are read as 1-D
+    slices of it (contiguous: the dot products and updates over a head's dims vectorise)."""
     rows, heads, size = q.shape
     group = heads // kv_heads
+    acc = np.empty((group, size), dtype=np.float32)
     for r in range(rows):
         position, table = positions[r], table_rows[r]
         ring = rings[table, layer]
         slots = min(position + 1, ring)  # slots holding a token (all of them once a ring has wrapped)
+        newest = position % ring  # the slot the row's new token went to
+        num_pages = (slots + page - 1) // page
         scores = np.empty((group, slots), dtype=np.float32)
-        acc = np.empty((group, size), dtype=np.float32)
         for kv in range(kv_heads):  # the kv head's ``group`` query heads read each key once
             queries = q[r, kv * group:(kv + 1) * group]
-            for j in range(slots):
-                key = arena[pages[table, layer, j // page], (kv * page + j % page) * size:][:size]
-                visible = (position - j) % ring < window  # a ring slot holds position p - ((p - j) mod ring)
-                for g in range(group):
-                    s = np.float32(0.0)
-                    if visible:
-                        query = queries[g]
-                        for d in range(size):
-                            s += query[d] * key[d]
-                    scores[g, j] = s * scale if visible else -np.inf
+            start = kv * page * size  # a kv head's page is one run of [page, size] (head-major)
+            for p in range(num_pages):  # page by page: no division or modulo per slot
+                first = p * page
+                base = pages[table, layer, p] * words + start
+                for t in range(min(page, slots - first)):
+                    j = first + t
+                    back = newest - j  # how many tokens before the new one slot j's token is
+                    if back < 0:
+                        back += ring
+                    key = arena[base + t * size:base + (t + 1) * size]
+                    for g in range(group):
+                        scores[g, j] = _dot(queries[g], key) * scale if back < window else -np.inf
             for g in range(group):
                 best, total = scores[g].max(), np.float32(0.0)
                 for j in range(slots):
-                    w = math.exp(scores[g, j] - best)
+                    w = np.float32(math.exp(scores[g, j] - best))
                     scores[g, j] = w
                     total += w
                 scores[g] /= total
             acc[:] = 0.0
-            for j in range(slots):
-                value = arena[pages[table, layer, j // page], value_offset + (kv * page + j % page) * size:][:size]
-                for g in range(group):
-                    w, into = scores[g, j], acc[g]
-                    for d in range(size):
-                        into[d] += w * value[d]
+            for p in range(num_pages):
+                first = p * page
+                base = pages[table, layer, p] * words + start + value_offset
+                for t in range(min(page, slots - first)):
+                    j = first + t
+                    value = arena[base + t * size:base + (t + 1) * size]
+                    for g in range(group):
+                        _axpy(scores[g, j], value, acc[g])
             out[r, kv * group:(kv + 1) * group] = acc
-
 
 @_jit
 def _delta_rule_decode(q, k, v, g, beta, arena, blocks, scale, out):
@@ -154,14 +173,17 @@ class CpuKernels:
     name = "numba"
 
     def supports(self, group) -> bool:
-        return group.cache is not None and group.cache.arena.dtype == torch.float32
+        cache = group.cache  # (the loops follow host-side rows: not a captured batch's device buffers)
+        return cache is not None and cache.host_rows and cache.arena.dtype == torch.float32
 
     def paged_decode(self, q: torch.Tensor, group, shape, pages, window: int | None, scale: float) -> torch.Tensor:
         """The group's one-token rows (already written) over their pages; q [rows, heads, D] -> same."""
         arena, tables = group.cache.arena, group.cache.tables
         table_rows, positions = group.decode_host()
         out = torch.empty_like(q)
-        _paged_decode(_np(q), arena.numpy_f32(), pages.keys.shape[1], arena.page_tokens, pages.value_offset,
+        words = arena.numpy_f32()
+        _paged_decode(_np(q), words.reshape(-1), words.shape[1], pages.keys.shape[1], arena.page_tokens,
+                      pages.value_offset,
                       tables.pages_host, tables.rings_host, group.layer, table_rows, positions,
                       NO_WINDOW if window is None else window, np.float32(scale), out.numpy())
         return out
