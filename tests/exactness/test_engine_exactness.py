@@ -105,3 +105,31 @@ def test_async_streams_get_the_tokens_they_get_alone(tiny_model, tiny_tokenizer,
         assert tokens == alone[request.request_id].tokens, request.placement.code
         assert events[-1].finish_reason == alone[request.request_id].finish_reason
         assert "".join(e.text for e in events) == tiny_tokenizer.decode(tokens)
+
+
+def test_a_nearly_full_pool_reusing_blocks_after_finishes_gives_the_tokens_of_each_alone(tiny_model, requests, alone):
+    """A pool that holds the two largest requests and no more: requests wait for blocks, take blocks others
+    just gave back (dirty: zeroed at allocation) and run beside rows of other lengths on shared pages."""
+    memory = tiny_model.config.memory_model(kv_bytes=4, page_tokens=4)
+    sizes = sorted(memory.sequence_bytes(r.placement, len(r.prompt_ids) + r.params.max_tokens) for r in requests)
+    config = EngineConfig(cache_budget_bytes=sizes[-1] + sizes[-2] + memory.block_bytes, max_prefill_tokens=8,
+                          check_invariants=True, page_tokens=4)
+    engine = Engine(tiny_model, config)
+    taken = []
+    allocate = engine.pool.allocate
+
+    def recording(placement, capacity):
+        blocks = allocate(placement, capacity)
+        taken.append(set(blocks.block_ids))
+        return blocks
+
+    engine.pool.allocate = recording
+    for request in requests:
+        engine.add_request(request)
+    events = engine.run_until_idle()
+    got = tokens_by_request(events)
+    for request in requests:
+        assert got[request.request_id] == alone[request.request_id].tokens, request.placement.code
+    assert max(s.num_rows for s in engine.stats().recent_steps) < len(requests)  # the pool held back the rest
+    assert any(a & b for i, a in enumerate(taken) for b in taken[:i])  # blocks were handed out again
+    assert engine.pool.held_bytes == 0
