@@ -49,6 +49,17 @@ def kernel_model(tiny_checkpoint):
     return load_checkpoint(tiny_checkpoint)
 
 
+def run_all(engine, requests, alone) -> list:
+    """Submit every request, step until idle, and check each got exactly its tokens alone; the events."""
+    for request in requests:
+        engine.add_request(request)
+    events = engine.run_until_idle()
+    got = tokens_by_request(events)
+    for request in requests:
+        assert got[request.request_id] == alone[request.request_id].tokens, request.placement.code
+    return events
+
+
 def tokens_by_request(events):
     out = {}
     for event in events:
@@ -62,12 +73,7 @@ def tokens_by_request(events):
 def test_concurrent_requests_get_the_tokens_they_get_alone(tiny_model, kernel_model, requests, alone, path,
                                                            page_tokens):
     engine = make_engine(tiny_model if path == "torch" else kernel_model, page_tokens=page_tokens)
-    for request in requests:
-        engine.add_request(request)
-    events = engine.run_until_idle()
-    got = tokens_by_request(events)
-    for request in requests:
-        assert got[request.request_id] == alone[request.request_id].tokens, request.placement.code
+    events = run_all(engine, requests, alone)
     finish = {e.request_id: e.finish_reason for e in events if e.finished}
     assert finish == {r.request_id: alone[r.request_id].finish_reason for r in requests}
     steps = engine.stats().recent_steps
@@ -124,12 +130,7 @@ def test_a_nearly_full_pool_reusing_blocks_after_finishes_gives_the_tokens_of_ea
         return blocks
 
     engine.pool.allocate = recording
-    for request in requests:
-        engine.add_request(request)
-    events = engine.run_until_idle()
-    got = tokens_by_request(events)
-    for request in requests:
-        assert got[request.request_id] == alone[request.request_id].tokens, request.placement.code
+    run_all(engine, requests, alone)
     assert max(s.num_rows for s in engine.stats().recent_steps) < len(requests)  # the pool held back the rest
     assert any(a & b for i, a in enumerate(taken) for b in taken[:i])  # blocks were handed out again
     assert engine.pool.held_bytes == 0
