@@ -22,7 +22,7 @@ from torch import nn
 
 from workers.model.batch import RowGroup
 from workers.model.config import AttentionConfig, cache_shape
-from workers.model.layers import Rotary
+from workers.model.layers import Rotary, project
 
 
 class Attention(nn.Module):
@@ -42,10 +42,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, group: RowGroup) -> torch.Tensor:
         tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, self.heads, self.head_size)
-        k = self.k_proj(x).view(tokens, self.kv_heads, self.head_size)
-        v = self.v_proj(x).view(tokens, self.kv_heads, self.head_size)
+        qkv = project(x, self.q_proj, self.k_proj, self.v_proj)
         cos, sin = group.cos_sin(self.rotary, x.dtype)
+        fused = getattr(self.kernels, "attention_decode", None)  # the CPU kernels: rotary, write, decode in one
+        if fused is not None and group.cache is not None and group.is_decode and self.kernels.supports(group):
+            pages = group.cache.arena.kv(self.cache_shape)
+            out = fused(qkv, self.heads, cos, sin, group, pages, self.window, self.scale)
+            return self.o_proj(out.reshape(tokens, self.heads * self.head_size))
+        size, kv_size = self.heads * self.head_size, self.kv_heads * self.head_size
+        q, k, v = qkv.split([size, kv_size, kv_size], dim=-1)
+        q = q.view(tokens, self.heads, self.head_size)
+        k = k.view(tokens, self.kv_heads, self.head_size)
+        v = v.view(tokens, self.kv_heads, self.head_size)
         q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)
         out = self._no_cache(q, k, v, group) if group.cache is None else self._cached(q, k, v, group)
         return self.o_proj(out.reshape(tokens, self.heads * self.head_size))

@@ -8,7 +8,7 @@ from torch import nn
 
 from workers.model.batch import RowGroup
 from workers.model.config import GdnConfig, cache_shape
-from workers.model.layers import DepthwiseConv, GatedRMSNorm, activation, cast, fp32
+from workers.model.layers import DepthwiseConv, GatedRMSNorm, activation, cast, fp32, project
 from workers.model.recurrent import causal_conv, delta_rule
 
 
@@ -34,9 +34,14 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, group: RowGroup) -> torch.Tensor:
         tokens = x.shape[0]
-        qkv, z = self.in_proj_qkvz(x).split([self.conv_dim, self.value_dim], dim=-1)
-        b, a = self.in_proj_ba(x).split([self.value_heads, self.value_heads], dim=-1)
+        projected = project(x, self.in_proj_qkvz, self.in_proj_ba)  # q | k | v | z | b | a
         slots = None if group.cache is None else group.cache.arena.states(self.cache_shape, self.conv_split)
+        fused = getattr(self.kernels, "gdn_decode", None)  # the CPU kernels: the rest of the layer in one call
+        if fused is not None and slots is not None and group.is_decode and self.kernels.supports(group):
+            o = fused(self, projected, group, slots)
+            if o is not None:
+                return self.out_proj(o)
+        qkv, z, b, a = projected.split([self.conv_dim, self.value_dim, self.value_heads, self.value_heads], dim=-1)
         qkv = self.conv_activation(causal_conv(self.convolution, qkv, group, slots, 0, self.kernels))
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(tokens, self.key_heads, self.key_head_dim)

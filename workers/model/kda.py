@@ -8,7 +8,7 @@ from torch import nn
 
 from workers.model.batch import RowGroup
 from workers.model.config import KdaConfig, cache_shape
-from workers.model.layers import DepthwiseConv, GatedRMSNorm, cast, fp32
+from workers.model.layers import DepthwiseConv, GatedRMSNorm, cast, fp32, project
 from workers.model.recurrent import causal_conv, delta_rule
 
 
@@ -39,13 +39,22 @@ class KimiDeltaAttention(nn.Module):
     def forward(self, x: torch.Tensor, group: RowGroup) -> torch.Tensor:
         tokens, shape = x.shape[0], (x.shape[0], self.heads, self.head_dim)
         slots = None if group.cache is None else group.cache.arena.states(self.cache_shape, self.conv_split)
-        q = F.silu(causal_conv(self.q_conv, self.q_proj(x), group, slots, 0, self.kernels)).reshape(shape)
-        k = F.silu(causal_conv(self.k_conv, self.k_proj(x), group, slots, 1, self.kernels)).reshape(shape)
-        v = F.silu(causal_conv(self.v_conv, self.v_proj(x), group, slots, 2, self.kernels)).reshape(shape)
-        f = self.f_b_proj(self.f_a_proj(x)).reshape(shape)
+        size = self.heads * self.head_dim
+        projected = project(x, self.q_proj, self.k_proj, self.v_proj, self.beta_proj, self.f_a_proj, self.g_a_proj)
+        q, k, v, beta, f, gate = projected.split([size] * 3 + [self.heads] + [self.head_dim] * 2, dim=-1)
+        f, gate = self.f_b_proj(f), self.g_b_proj(gate)
+        fused = getattr(self.kernels, "kda_decode", None)  # the CPU kernels: the rest of the layer in one call
+        if fused is not None and slots is not None and group.is_decode and self.kernels.supports(group):
+            o = fused(self, projected, f, gate, group, slots)  # q | k | v | beta read from ``projected``
+            if o is not None:
+                return self.o_proj(o)
+        q = F.silu(causal_conv(self.q_conv, q, group, slots, 0, self.kernels)).reshape(shape)
+        k = F.silu(causal_conv(self.k_conv, k, group, slots, 1, self.kernels)).reshape(shape)
+        v = F.silu(causal_conv(self.v_conv, v, group, slots, 2, self.kernels)).reshape(shape)
+        f = f.reshape(shape)
         g = -fp32(self.A_log).exp()[:, None] * F.softplus(fp32(f) + fp32(self.dt_bias).view(self.heads, self.head_dim))
-        beta = fp32(self.beta_proj(x)).sigmoid()
+        beta = fp32(beta).sigmoid()
         o = delta_rule(q, k, v, g, beta, group, slots, self.kernels)
-        gate = self.g_b_proj(self.g_a_proj(x)).reshape(shape)
+        gate = gate.reshape(shape)
         o = self.norm(o, gate)
         return self.o_proj(cast(o, x.dtype).reshape(tokens, self.heads * self.head_dim))

@@ -22,6 +22,41 @@ def cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if x.dtype == dtype else x.to(dtype)
 
 
+def project(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
+    """``torch.cat([linear(x) for linear in linears], -1)``. Without autograd (inference) it is one matmul:
+    the first call moves the linears' weights into one tensor and leaves each linear a view of its rows, so
+    no byte is held twice and a later ``load_state_dict`` (which copies in place) still reaches the fused
+    weight; a linear whose weight was replaced (``.to()``, new ``.data``) fuses again. With autograd each
+    linear runs as itself."""
+    if torch.is_grad_enabled():
+        return torch.cat([linear(x) for linear in linears], dim=-1)
+    fused = linears[0].__dict__.get("_projection")
+    if fused is None or fused[0] != _pointers(linears):
+        fused = linears[0].__dict__["_projection"] = _fuse(linears)
+    return F.linear(x, fused[1], fused[2])
+
+
+def _pointers(linears) -> tuple:
+    return tuple((m.weight.data_ptr(), None if m.bias is None else m.bias.data_ptr()) for m in linears)
+
+
+@torch.inference_mode(False)  # the weights stay ordinary tensors, which training may use later
+@torch.no_grad()
+def _fuse(linears) -> tuple:
+    weight = torch.cat([m.weight.detach() for m in linears])
+    has_bias = any(m.bias is not None for m in linears)
+    bias = torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias.detach()
+                      for m in linears]) if has_bias else None
+    start = 0
+    for m in linears:
+        rows = slice(start, start + m.out_features)
+        m.weight.data = weight[rows]
+        if m.bias is not None:
+            m.bias.data = bias[rows]
+        start += m.out_features
+    return _pointers(linears), weight, bias
+
+
 def activation(name: str):
     try:
         return ACTIVATIONS[name]
