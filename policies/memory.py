@@ -12,6 +12,13 @@ is a whole number of them (a test checks the pool against this file):
 - gdn / kda: one block holding the fp32 recurrent state per head and the
   short convolutions' last ``kernel - 1`` inputs per channel.
 
+A sequence that speculates (``speculative_tokens`` k > 0: a draft proposes k
+tokens, the target verifies them, rejected ones are rolled back) holds more:
+a sliding window's ring keeps k tokens of slack (rejected tokens overwrite
+ring slots, never one the window still sees), and each recurrent layer a
+second block, the snapshot its state is restored from after a rejection. The
+draft placement's own caches follow the same rules (``speculative_bytes``).
+
 A block must hold either, so its size is the larger of a page and a
 recurrent slot; the page is made long enough (a multiple of 16 tokens) that
 a page is at least a recurrent slot, so neither wastes much of a block. This
@@ -45,16 +52,17 @@ class AttentionShape:
     def token_bytes(self, kv_bytes: int) -> int:
         return 2 * self.kv_heads * self.head_size * kv_bytes
 
-    def held_tokens(self, context: int) -> int:
-        """Tokens whose keys and values a sequence of ``context`` tokens keeps (the ring for a window)."""
-        return context if self.window is None else min(context, self.window)
+    def held_tokens(self, context: int, speculative_tokens: int = 0) -> int:
+        """Tokens whose keys and values a sequence of ``context`` tokens keeps (the ring for a window, with
+        ``speculative_tokens`` of slack for tokens written ahead and rolled back)."""
+        return context if self.window is None else min(context, self.window + speculative_tokens)
 
     def cache_bytes(self, context: int, kv_bytes: int, state_bytes: int) -> int:
         """Bytes of the tokens held (what a decode step reads), before rounding to pages."""
         return self.held_tokens(context) * self.token_bytes(kv_bytes)
 
-    def num_blocks(self, context: int, page_tokens: int) -> int:
-        return _ceil_div(self.held_tokens(context), page_tokens)
+    def num_blocks(self, context: int, page_tokens: int, speculative_tokens: int = 0) -> int:
+        return _ceil_div(self.held_tokens(context, speculative_tokens), page_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +82,8 @@ class DeltaRuleShape:
         """The state and conv history: constant in the context."""
         return self.state_elements() * state_bytes + self.conv_channels * (self.conv_kernel - 1) * kv_bytes
 
-    def num_blocks(self, context: int, page_tokens: int) -> int:
-        return 1
+    def num_blocks(self, context: int, page_tokens: int, speculative_tokens: int = 0) -> int:
+        return 2 if speculative_tokens else 1  # the live state, and its snapshot when speculating
 
 
 MixerShape = AttentionShape | DeltaRuleShape
@@ -121,23 +129,30 @@ class CacheMemoryModel:
         except KeyError:
             raise InvalidPlacement(f"layer {layer} has no {mixer.value} mixer") from None
 
-    def layer_blocks(self, layer: int, mixer: Mixer, context: int) -> int:
-        return self.shape(layer, mixer).num_blocks(context, self.page_tokens)
+    def layer_blocks(self, layer: int, mixer: Mixer, context: int, speculative_tokens: int = 0) -> int:
+        return self.shape(layer, mixer).num_blocks(context, self.page_tokens, speculative_tokens)
 
     def layer_bytes(self, layer: int, mixer: Mixer, context: int) -> int:
         """Bytes one layer's cache reserves: whole blocks."""
         return self.layer_blocks(layer, mixer, context) * self.block_bytes
 
-    def sequence_blocks(self, placement: Placement, context: int) -> int:
+    def sequence_blocks(self, placement: Placement, context: int, speculative_tokens: int = 0) -> int:
         if len(placement) != self.num_layers:
             raise InvalidPlacement(
                 f"placement {placement.code} has {len(placement)} layers, the model {self.num_layers}"
             )
-        return sum(self.layer_blocks(i, m, context) for i, m in enumerate(placement))
+        return sum(self.layer_blocks(i, m, context, speculative_tokens) for i, m in enumerate(placement))
 
-    def sequence_bytes(self, placement: Placement, context: int) -> int:
+    def sequence_bytes(self, placement: Placement, context: int, speculative_tokens: int = 0) -> int:
         """Bytes one sequence of ``context`` tokens reserves under ``placement`` (page rounding included)."""
-        return self.sequence_blocks(placement, context) * self.block_bytes
+        return self.sequence_blocks(placement, context, speculative_tokens) * self.block_bytes
+
+    def speculative_bytes(self, target: Placement, draft: Placement | None, context: int, tokens: int) -> int:
+        """What a request reserves when ``draft`` proposes ``tokens`` tokens per verify step for ``target``:
+        both placements' caches at ``context`` with the slack speculation needs (or the target's alone)."""
+        if draft is None or tokens == 0:
+            return self.sequence_bytes(target, context)
+        return self.sequence_bytes(target, context, tokens) + self.sequence_bytes(draft, context, tokens)
 
     def usable_blocks(self, budget_bytes: int) -> int:
         """Blocks a pool built on ``budget_bytes`` lends out: all that fit but one (the pool's null block,

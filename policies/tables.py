@@ -1,4 +1,5 @@
-"""The placement toolkit's files: speed (``profile``), quality (``evaluate``), surrogate fit (``fit``), presets (``frontier``).
+"""The placement toolkit's files: speed (``profile``), quality (``evaluate``), surrogate fit (``fit``), presets
+(``frontier``), speculative acceptance (``acceptance``).
 
 Pydantic models at the file boundary only (``extra="forbid"``, every field described); policy code gets
 frozen values from them (``policies.cost.SpeedModel``, ``policies.surrogate.ClusterExpansion``). Every file
@@ -232,8 +233,66 @@ class PresetsFile(_Model):
         return self
 
 
-Table = TypeVar("Table", SpeedFile, QualityFile, SurrogateFile, PresetsFile)
-KIND = {SpeedFile: "speed table", QualityFile: "quality table", SurrogateFile: "surrogate fit", PresetsFile: "presets"}
+class AcceptanceCounts(_Model):
+    verify_steps: int = Field(ge=0, description="verify steps run")
+    drafted: int = Field(ge=0, description="tokens the draft proposed and the target verified")
+    accepted: int = Field(ge=0, description="of which the target kept")
+    rejected_steps: int = Field(ge=0, description="verify steps that refused a proposal (the rest kept all)")
+    accepted_per_verify: float = Field(ge=0, description="mean proposals kept per verify step (a step yields one "
+                                       "token more)")
+    acceptance_rate: float = Field(ge=0, le=1, description="per-token acceptance: accepted / (accepted + "
+                                   "rejected_steps), the proposals examined; the a in (1 - a^(k+1)) / (1 - a)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AcceptanceCounts":
+        if self.accepted > self.drafted or self.rejected_steps > self.verify_steps:
+            raise ValueError("accepted exceeds drafted, or rejected_steps exceeds verify_steps")
+        examined = self.accepted + self.rejected_steps
+        if examined and abs(self.acceptance_rate - self.accepted / examined) > 1e-6:
+            raise ValueError(f"acceptance_rate {self.acceptance_rate} is not accepted / (accepted + rejected_steps)")
+        return self
+
+
+class AcceptanceEntry(_Model):
+    target: str = Field(description="the verifying placement's code")
+    draft: str = Field(description="the drafting placement's code")
+    greedy: AcceptanceCounts = Field(description="temperature 0")
+    sampled: AcceptanceCounts = Field(description="temperature 1 (speculative sampling)")
+
+
+class AcceptanceData(_Model):
+    source: str = Field(description="the text the prompts were cut from")
+    prompts: int = Field(ge=1, description="prompts per (target, draft) and mode")
+    prompt_tokens: int = Field(ge=1, description="tokens per prompt")
+    max_tokens: int = Field(ge=1, description="tokens generated per prompt")
+    seed: int = Field(description="sampling seed of the temperature-1 runs")
+
+
+class AcceptanceFile(_Model):
+    format: Literal["supernet-router/acceptance"] = Field(description="file kind")
+    version: Literal[1] = Field(description="format version")
+    fingerprint: Fingerprint = Field(description="the checkpoint it was measured on")
+    draft_tokens: int = Field(ge=1, description="tokens drafted per verify step in the measurement")
+    data: AcceptanceData = Field(description="what was generated")
+    entries: list[AcceptanceEntry] = Field(description="one per (target, draft) pair")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AcceptanceFile":
+        pairs = [(e.target, e.draft) for e in self.entries]
+        if len(pairs) != len(set(pairs)):
+            raise ValueError(f"(target, draft) pairs repeat: {pairs}")
+        for entry in self.entries:
+            for code in (entry.target, entry.draft):
+                try:
+                    Placement.parse(code, self.fingerprint.num_layers)
+                except InvalidPlacement as exc:
+                    raise ValueError(f"pair ({entry.target}, {entry.draft}): {exc.message}") from None
+        return self
+
+
+Table = TypeVar("Table", SpeedFile, QualityFile, SurrogateFile, PresetsFile, AcceptanceFile)
+KIND = {SpeedFile: "speed table", QualityFile: "quality table", SurrogateFile: "surrogate fit", PresetsFile: "presets",
+        AcceptanceFile: "acceptance table"}
 
 
 def parse_table(data: object, model: type[Table], source: str) -> Table:

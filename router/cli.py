@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     generate.add_argument("--json", action="store_true", help="print JSON: {placement, tokens, text} per request")
     generate.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow reference)")
+    generate.add_argument("--draft", help="speculate: this placement drafts tokens that --placement verifies "
+                                          "(same output; runs on the serving engine)")
+    generate.add_argument("--draft-tokens", type=int, default=4, help="tokens drafted per verify step (default 4)")
     generate.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA")
     generate.set_defaults(run=run_generate)
@@ -100,7 +103,8 @@ def run_checkpoint_path(args) -> int:
 def run_generate(args) -> int:
     import torch
 
-    from workers.generate import GenerationRequest, generate
+    from policies.speculation import check_draft_tokens
+    from workers.generate import GenerationRequest, generate, generate_speculative
     from workers.model.loader import load_checkpoint
     from workers.model.tokenizer import Tokenizer
     from workers.sampling import SamplingParams
@@ -123,13 +127,30 @@ def run_generate(args) -> int:
         requests = [GenerationRequest(tokenizer.encode(line["prompt"]), placement(line.get("placement", args.placement)),
                                       params(line.get("max_tokens", args.max_tokens)))
                     for line in read_requests(args.requests)]
-    results = generate(model, requests, use_cache=not args.no_cache, eos_token_id=tokenizer.eos_token_id)
+    if args.draft is None:
+        results = generate(model, requests, use_cache=not args.no_cache, eos_token_id=tokenizer.eos_token_id)
+    else:
+        if args.no_cache:
+            raise InvalidRequest("--draft runs on the engine's caches; it cannot be combined with --no-cache")
+        check_draft_tokens(args.draft_tokens)
+        draft = placement(args.draft)
+        results = generate_speculative(model, requests, draft, args.draft_tokens, tokenizer.eos_token_id)
     for request, result in zip(requests, results):
         text = tokenizer.decode(result.tokens)
         if args.json:
-            print(json.dumps({"placement": request.placement.code, "tokens": result.tokens, "text": text}))
+            line = {"placement": request.placement.code, "tokens": result.tokens, "text": text}
+            if args.draft is not None:
+                line.update(draft=draft.code, draft_tokens=args.draft_tokens, drafted=result.drafted,
+                            accepted=result.accepted, verify_steps=result.verifies)
+            print(json.dumps(line))
         else:
             print(f"[{request.placement.code}] {text}")
+    if args.draft is not None and not args.json:
+        drafted, accepted = sum(r.drafted for r in results), sum(r.accepted for r in results)
+        steps = sum(r.verifies for r in results)
+        rate = f"{accepted / drafted:.1%}" if drafted else "n/a"
+        print(f"draft {draft.code}: {accepted}/{drafted} drafted tokens accepted ({rate}), "
+              f"{(accepted + steps) / max(steps, 1):.2f} tokens per verify step", file=sys.stderr)
     return 0
 
 

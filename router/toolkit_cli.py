@@ -1,4 +1,4 @@
-"""The placement toolkit's commands: ``profile``, ``evaluate``, ``fit``, ``frontier`` (docs/tables.md).
+"""The placement toolkit's commands: ``profile``, ``evaluate``, ``fit``, ``frontier``, ``acceptance`` (docs/tables.md).
 
 ``register(commands)`` adds them to ``router.cli``'s sub-parsers. Bad input
 raises ``policies.errors`` exceptions, which the CLI turns into one line on
@@ -68,6 +68,30 @@ def register(commands) -> None:
     frontier.add_argument("--out", type=Path, required=True, help="presets file to write (JSON)")
     frontier.add_argument("--plot", type=Path, help="also draw the frontier to this PNG")
     frontier.set_defaults(run=run_frontier)
+
+
+    acceptance = commands.add_parser("acceptance", help="measure how often draft placements' tokens survive "
+                                                        "verification by target placements (speculative decoding)")
+    acceptance.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder")
+    acceptance.add_argument("--data", type=Path, required=True, help='plain text, or .jsonl with a "text" per line')
+    acceptance.add_argument("--targets", type=_codes, required=True, help="comma-separated placement codes")
+    acceptance.add_argument("--drafts", type=_codes, required=True, help="comma-separated placement codes")
+    acceptance.add_argument("--tokens", type=int, default=4, help="tokens drafted per verify step (default 4)")
+    acceptance.add_argument("--prompts", type=int, default=8, help="prompts per pair and mode (default 8)")
+    acceptance.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt (default 64)")
+    acceptance.add_argument("--max-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
+    acceptance.add_argument("--seed", type=int, default=0, help="seed of the temperature-1 runs (default 0)")
+    acceptance.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    acceptance.add_argument("--dtype", help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
+    acceptance.add_argument("--out", type=Path, required=True, help="acceptance table to write (JSON)")
+    acceptance.set_defaults(run=run_acceptance)
+
+
+def _codes(text: str) -> list[str]:
+    codes = [part.strip() for part in text.split(",") if part.strip()]
+    if not codes:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one or more placement codes, comma-separated")
+    return codes
 
 
 def _int_list(text: str) -> list[int]:
@@ -284,3 +308,34 @@ def plot_frontier(path: Path, frontier, cost, baseline, presets, quality, point)
     axes.legend(fontsize=8, loc="best")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def run_acceptance(args) -> int:
+    from policies.speculation import check_draft_tokens
+    from policies.tables import write_table
+    from workers import acceptance, evaluation, profiling
+    from workers.model.loader import load_checkpoint
+    from workers.model.tokenizer import Tokenizer
+
+    check_draft_tokens(args.tokens)
+    for name in ("prompts", "prompt_tokens", "max_tokens"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    device = profiling.resolve_device(args.device)
+    model = load_checkpoint(args.checkpoint, device=device, dtype=profiling.resolve_dtype(args.dtype, device))
+    pairs = [(model.config.placement(t), model.config.placement(d)) for t in args.targets for d in args.drafts]
+    for target, draft in pairs:
+        model.check_placement(target)
+        model.check_placement(draft)
+    tokenizer = Tokenizer.load(args.checkpoint)
+    tokens = [t for text in evaluation.read_texts(args.data) for t in tokenizer.encode(text)]
+    prompts = acceptance.cut_prompts(tokens, args.prompts, args.prompt_tokens)
+    fingerprint = _fingerprint(profiling, model, args.checkpoint.name, profiling.checkpoint_sha256(args.checkpoint))
+    table = acceptance.measure(model, prompts, pairs, args.tokens, args.max_tokens, args.seed, fingerprint,
+                               str(args.data))
+    write_table(args.out, table)
+    for entry in table.entries:
+        print(f"{entry.target} <- {entry.draft}: greedy {entry.greedy.acceptance_rate:.1%} per token, "
+              f"{entry.greedy.accepted_per_verify:.2f} kept per verify; temperature 1 "
+              f"{entry.sampled.acceptance_rate:.1%}, {entry.sampled.accepted_per_verify:.2f}")
+    print(args.out)
+    return 0

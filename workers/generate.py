@@ -84,3 +84,41 @@ def request_pool(model: SupernetLM, sequences: list[tuple[Placement, int]], page
     pool = CachePool(memory, (need + 1) * memory.block_bytes, len(sequences),
                      max(capacity for _, capacity in sequences), model.dtype, model.device)
     return pool, [pool.allocate(placement, capacity) for placement, capacity in sequences]
+
+
+@dataclass(slots=True)
+class SpeculativeResult:
+    tokens: list[int]
+    finish_reason: str
+    drafted: int  # proposals verified
+    accepted: int  # of which kept
+    verifies: int  # verify steps
+    rejected_steps: int  # verify steps that refused a proposal
+
+
+def generate_speculative(model: SupernetLM, requests: list[GenerationRequest], draft: Placement, draft_tokens: int,
+                         eos_token_id: int | None = None) -> list[SpeculativeResult]:
+    """The requests as one continuous batch on the engine, each drafted by ``draft`` (``draft_tokens`` per
+    verify step): the tokens are the ones ``generate`` gives (greedy) or follow its distribution (sampled)."""
+    from workers.engine import Engine, EngineConfig, Request
+
+    memory = model.config.memory_model(kv_bytes=model.dtype.itemsize)
+    need = sum(memory.speculative_bytes(r.placement, draft, len(r.prompt_ids) + r.params.max_tokens, draft_tokens)
+               for r in requests)
+    engine = Engine(model, EngineConfig(cache_budget_bytes=need + 2 * memory.block_bytes, max_running=len(requests),
+                                        decode_graphs="off"))
+    ids = [f"request-{i}" for i in range(len(requests))]
+    for rid, r in zip(ids, requests):
+        engine.add_request(Request(r.prompt_ids, r.placement, r.params, rid, eos_token_id, draft, draft_tokens))
+    drafts = {rid: engine.draft_of(rid) for rid in ids}
+    tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+    reasons: dict[str, str] = {}
+    for event in engine.run_until_idle():
+        if event.token_id is not None:
+            tokens[event.request_id].append(event.token_id)
+        if event.finished:
+            if event.error:
+                raise RuntimeError(f"{event.request_id}: {event.error}")
+            reasons[event.request_id] = event.finish_reason
+    return [SpeculativeResult(tokens[rid], reasons[rid], drafts[rid].num_drafted, drafts[rid].num_accepted,
+                              drafts[rid].num_verifies, drafts[rid].num_rejected) for rid in ids]

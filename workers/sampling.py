@@ -68,3 +68,65 @@ def _draw(logits: torch.Tensor, params: list[SamplingParams], generators: list[t
     uniform = torch.stack([torch.rand((), generator=g, device=device) for g in generators])
     index = torch.searchsorted(cumulative, (uniform * cumulative[:, -1])[:, None]).clamp_(max=vocab - 1)
     return order.gather(1, index)[:, 0]
+
+
+def distributions(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution ``params`` samples from at each row of ``logits`` [n, vocab] (temperature, top-k,
+    top-p applied; fp32, in vocabulary order): what speculative sampling compares (``speculative_sample``)."""
+    logits = logits.float() / params.temperature
+    vocab = logits.shape[-1]
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, vocab)).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1:
+        ordered, order = probs.sort(dim=-1, descending=True)
+        ordered = ordered.masked_fill(ordered.cumsum(-1) - ordered > params.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, order, ordered)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from ``probs`` [vocab] (need not sum to 1), by inverting its cumulative sum at one uniform
+    number from ``generator``."""
+    cumulative = probs.cumsum(-1)
+    uniform = torch.rand((), generator=generator, device=probs.device)
+    return int(torch.searchsorted(cumulative, (uniform * cumulative[-1])[None]).clamp_(max=probs.shape[-1] - 1))
+
+
+def speculative_sample(target: torch.Tensor, draft: torch.Tensor, proposals: Sequence[int],
+                       generator: torch.Generator) -> list[int]:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): the tokens a verify step keeps.
+
+    ``target`` [k+1, vocab]: the target's distributions at the k proposals' positions and one past;
+    ``draft`` [k, vocab]: the distributions the proposals were drawn from. Proposal i is kept with
+    probability min(1, p(x) / q(x)); the first one refused is replaced by a draw from max(0, p - q)
+    (normalised) and ends the step; when all k are kept, one more token is drawn from the last target
+    distribution. Whatever q is, each returned token is distributed exactly as the target alone would
+    have drawn it. Returns the kept proposals and that one token (1 to k+1 tokens).
+    """
+    kept: list[int] = []
+    for i, token in enumerate(proposals):
+        p, q = float(target[i, token]), float(draft[i, token])
+        uniform = float(torch.rand((), generator=generator, device=target.device))
+        if uniform * q < p:  # accept with probability min(1, p / q) (q > 0: the token was drawn from it)
+            kept.append(token)
+            continue
+        residual = (target[i] - draft[i]).clamp_(min=0.0)
+        kept.append(draw(residual if float(residual.sum()) > 0 else target[i], generator))
+        return kept
+    kept.append(draw(target[len(proposals)], generator))
+    return kept
+
+
+def greedy_accept(target_tokens: Sequence[int], proposals: Sequence[int]) -> list[int]:
+    """Greedy verification: keep proposals while they equal the target's argmax at their position, then the
+    target's own token (``target_tokens``: its argmax at each of the k+1 positions)."""
+    kept: list[int] = []
+    for token, wanted in zip(proposals, target_tokens):
+        if token != wanted:
+            break
+        kept.append(token)
+    kept.append(target_tokens[len(kept)])
+    return kept

@@ -41,14 +41,6 @@ def make_engine(model, tokenizer=None, page_tokens=None):
     return Engine(model, config, tokenizer)
 
 
-@pytest.fixture(scope="module")
-def kernel_model(tiny_checkpoint):
-    """The tiny model as serving runs it on a CPU: the numba decode kernels (the reference above is plain torch)."""
-    from workers.model.loader import load_checkpoint
-
-    return load_checkpoint(tiny_checkpoint)
-
-
 def run_all(engine, requests, alone) -> list:
     """Submit every request, step until idle, and check each got exactly its tokens alone; the events."""
     for request in requests:
@@ -124,8 +116,8 @@ def test_a_nearly_full_pool_reusing_blocks_after_finishes_gives_the_tokens_of_ea
     taken = []
     allocate = engine.pool.allocate
 
-    def recording(placement, capacity):
-        blocks = allocate(placement, capacity)
+    def recording(placement, capacity, speculative_tokens=0):
+        blocks = allocate(placement, capacity, speculative_tokens)
         taken.append(set(blocks.block_ids))
         return blocks
 

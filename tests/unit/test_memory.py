@@ -65,3 +65,17 @@ def test_round_trips_through_a_dict_and_old_tables_derive_the_pages():
     assert CacheMemoryModel.from_dict(old) == MODEL
     explicit = CacheMemoryModel(layers=(LAYER,), page_tokens=32)
     assert CacheMemoryModel.from_dict(explicit.to_dict()).page_tokens == 32
+
+
+def test_speculation_adds_ring_slack_snapshots_and_the_drafts_caches():
+    block, k = MODEL.block_bytes, 4
+    # A window of 4096 on pages of 544 has 256 tokens of slack already; 4100 tokens need a ninth page.
+    assert MODEL.layer_blocks(0, Mixer.SLIDING_WINDOW, 32768, 4) == 8
+    assert MODEL.layer_blocks(0, Mixer.SLIDING_WINDOW, 32768, 8 * 544 - 4096 + 1) == 9
+    assert MODEL.layer_blocks(0, Mixer.SLIDING_WINDOW, 100, 4) == 1  # shorter than the window: unchanged
+    assert MODEL.layer_blocks(0, Mixer.ATTENTION, 32768, k) == MODEL.layer_blocks(0, Mixer.ATTENTION, 32768)
+    for mixer in (Mixer.GDN, Mixer.KDA):  # the live state and its snapshot
+        assert MODEL.layer_blocks(0, mixer, 32768, k) == 2
+    target, draft = Placement.uniform(Mixer.ATTENTION, 48), Placement.uniform(Mixer.GDN, 48)
+    assert MODEL.speculative_bytes(target, None, 32768, 0) == MODEL.sequence_bytes(target, 32768)
+    assert MODEL.speculative_bytes(target, draft, 32768, k) == (48 * 61 + 48 * 2) * block

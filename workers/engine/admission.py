@@ -35,6 +35,8 @@ class AdmissionCheck:
         if outside is not None:
             raise InvalidRequest(f"request {rid}: token id {outside} is outside the vocabulary (0..{vocab - 1})")
         self.model.check_placement(request.placement)
+        if request.draft is not None:
+            self.model.check_placement(request.draft)
         stop = request.stop_strings
         if stop and not self.has_tokenizer:
             raise InvalidRequest(f"request {rid}: stop strings need an engine with a tokenizer")
@@ -45,14 +47,21 @@ class AdmissionCheck:
             raise ContextTooLong(
                 f"request {rid}: prompt {len(prompt)} + max_tokens {request.params.max_tokens} = {context} tokens, "
                 f"more than the model's {limit} positions; ask for at most {max(limit - len(prompt), 0)} new tokens")
-        cache_bytes = self.memory.sequence_bytes(request.placement, context)
+        cache_bytes = self.reserved_bytes(request)
         if cache_bytes > self.budget_bytes:
             raise ContextTooLong(self.never_fits(request, cache_bytes))
         return cache_bytes
 
+    def reserved_bytes(self, request: Request) -> int:
+        """What the request holds while it runs: its placement's caches, and with a draft, the draft's and the
+        slack speculation needs (``policies.memory``)."""
+        return self.memory.speculative_bytes(request.placement, request.draft, request.context_tokens,
+                                             request.speculative_tokens)
+
     def never_fits(self, request: Request, cache_bytes: int) -> str:
         placement, context, prompt = request.placement, request.context_tokens, len(request.prompt_ids)
-        message = (f"request {request.request_id}: placement {placement.code} at {context} tokens (prompt {prompt} + "
+        drafted = "" if request.draft is None else f" with draft {request.draft.code} ({request.draft_tokens} tokens)"
+        message = (f"request {request.request_id}: placement {placement.code}{drafted} at {context} tokens (prompt {prompt} + "
                    f"max_tokens {request.params.max_tokens}) needs {cache_bytes:,} bytes of cache, more than this "
                    f"engine's whole cache budget of {self.budget_bytes:,} bytes, so it could never be admitted")
         fits = self.max_context(placement)

@@ -24,7 +24,8 @@ from workers.engine.pool import CachePool
 from workers.engine.runner import ModelRunner, free_device_bytes
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import Sequence, Status
-from workers.engine.stats import EngineStats, SequenceStats, StepRecord
+from workers.engine.speculation import RowKind
+from workers.engine.stats import EngineStats, SequenceStats, SpeculationStats, StepRecord
 from workers.model.supernet import SupernetLM
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class Engine:
         self._active: dict[str, Sequence] = {}  # submitted and not finished
         self._num_submitted = 0  # arrival index of the next request
         self._steps: deque[StepRecord] = deque(maxlen=self.config.step_history)
+        self._speculation: dict[tuple[str, str], list[int]] = {}  # (target, draft) -> SpeculationStats' counts
         self._num_steps = 0
         self._snapshot = self._make_stats()
 
@@ -130,10 +132,15 @@ class Engine:
                 tokens = []
             else:
                 self.scheduler.postprocess(batch, tokens)
-                events += [self._on_token(s, t) for s, t in zip(batch.sequences, tokens) if t is not None]
+                for sequence, kind, given in zip(batch.sequences, batch.kinds, tokens):
+                    if kind is RowKind.VERIFY:
+                        self._count_verify(sequence)
+                    if kind is not RowKind.DRAFT:
+                        events += self._on_tokens(sequence, given)
             seconds = time.perf_counter() - started
+            emitted = sum(len(t) for t, kind in zip(tokens, batch.kinds) if kind is not RowKind.DRAFT)
             self._steps.append(StepRecord(batch.num_rows, batch.num_decode_rows, batch.num_prefill_tokens,
-                                          sum(t is not None for t in tokens), seconds, time.monotonic()))
+                                          emitted, seconds, time.monotonic()))
             self._num_steps += 1
             log.debug("step %d: %d rows (%d decode, %d prefill tokens) in %.2f ms", self._num_steps,
                       batch.num_rows, batch.num_decode_rows, batch.num_prefill_tokens, seconds * 1e3)
@@ -162,7 +169,12 @@ class Engine:
         for s in self.scheduler.running:
             assert s.blocks is not None, f"{s} runs without cache blocks"
             held = s.blocks.num_blocks * self.pool.block_bytes
-            predicted = self.memory.sequence_bytes(s.request.placement, s.capacity)
+            if s.draft is not None:
+                assert s.draft.blocks is not None, f"{s} speculates without draft blocks"
+                held += s.draft.blocks.num_blocks * self.pool.block_bytes
+            request = s.request
+            predicted = self.memory.speculative_bytes(request.placement, request.draft, s.capacity,
+                                                      request.speculative_tokens)
             assert held == s.cache_bytes == predicted, f"{s}: holds {held} bytes, reserved {s.cache_bytes}, " \
                                                        f"policies.memory predicts {predicted}"
         stats = self._snapshot
@@ -172,8 +184,21 @@ class Engine:
 
     # ---- internals ----
 
-    def _on_token(self, sequence: Sequence, token: int) -> TokenEvent:
-        """Text and finish reason for a sampled token; ends the sequence when it is done."""
+    def _on_tokens(self, sequence: Sequence, tokens: list[int]) -> list[TokenEvent]:
+        """Events for the tokens a row gave (already appended to the outputs), in order, up to the one that
+        ends the sequence (a verify row may give an end-of-sequence or a stop string before its last token:
+        the tokens after it are dropped)."""
+        events, first = [], len(sequence.output_ids) - len(tokens)
+        for i, token in enumerate(tokens):
+            events.append(self._on_token(sequence, token, first + i + 1))
+            if events[-1].finished:
+                del sequence.output_ids[first + i + 1:]
+                break
+        return events
+
+    def _on_token(self, sequence: Sequence, token: int, count: int) -> TokenEvent:
+        """Text and finish reason for a sampled token, the ``count``-th output; ends the sequence when it is
+        done."""
         rid, params = sequence.request_id, sequence.request.params
         try:
             text, stopped = sequence.detokenizer.add(token)
@@ -182,7 +207,7 @@ class Engine:
             reason = None
             if stopped or (token == eos and not params.ignore_eos):
                 reason = "stop"
-            elif len(sequence.output_ids) >= params.max_tokens:
+            elif count >= params.max_tokens:
                 reason = "length"
             if reason is not None and not stopped:
                 rest, stopped = sequence.detokenizer.flush()
@@ -194,6 +219,21 @@ class Engine:
         if reason is not None:
             self._finish(sequence, reason)
         return TokenEvent(rid, token, text, reason)
+
+    def draft_of(self, request_id: str):
+        """The ``speculation.Draft`` of a submitted, unfinished request (its counters; None without a draft)."""
+        with self._lock:
+            sequence = self._active.get(request_id)
+        return None if sequence is None else sequence.draft
+
+    def _count_verify(self, sequence: Sequence) -> None:
+        proposed, kept = sequence.draft.last_verify
+        pair = (sequence.request.placement.code, sequence.draft.placement.code)
+        counts = self._speculation.setdefault(pair, [0, 0, 0, 0])
+        counts[0] += proposed
+        counts[1] += kept
+        counts[2] += 1
+        counts[3] += kept < proposed
 
     def _finish(self, sequence: Sequence, reason: str, error: str | None = None) -> TokenEvent:
         self.scheduler.finish(sequence)
@@ -212,10 +252,13 @@ class Engine:
             recent_steps=tuple(self._steps),
             num_steps=self._num_steps,
             taken_at=time.monotonic(),
+            speculation=tuple(SpeculationStats(target, draft, *counts)
+                              for (target, draft), counts in self._speculation.items()),
         )
 
 
 def _sequence_stats(s: Sequence) -> SequenceStats:
+    draft = s.request.draft
     return SequenceStats(s.request.placement.code, s.num_prompt_tokens, len(s.output_ids),
                          s.request.params.max_tokens, s.cache_bytes, max(s.num_prompt_tokens - s.num_computed, 0),
-                         s.request_id)
+                         s.request_id, "" if draft is None else draft.code, s.request.speculative_tokens)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from policies.errors import InvalidRequest
 from policies.placement import Placement
+from policies.speculation import check_draft_tokens
 from workers.sampling import SamplingParams
 
 
@@ -19,6 +21,9 @@ class Request:
 
     ``eos_token_id``: the end-of-sequence token; None takes the model's (``params.ignore_eos``
     turns it off). Stop strings live in ``params.stop``.
+    ``draft`` / ``draft_tokens``: speculate: ``draft`` (a placement of the same checkpoint) proposes
+    ``draft_tokens`` tokens, ``placement`` verifies them in one step (``speculation.py``); the output is
+    the one ``placement`` alone would give (greedy: token for token; sampled: in distribution).
     """
 
     prompt_ids: tuple[int, ...]
@@ -26,9 +31,20 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=new_request_id)
     eos_token_id: int | None = None
+    draft: Placement | None = None
+    draft_tokens: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_ids", tuple(int(t) for t in self.prompt_ids))
+        if self.draft is not None:
+            check_draft_tokens(self.draft_tokens)
+        elif self.draft_tokens:
+            raise InvalidRequest(f"draft_tokens={self.draft_tokens} needs a draft placement")
+
+    @property
+    def speculative_tokens(self) -> int:
+        """Tokens proposed per verify step (0: no speculation)."""
+        return self.draft_tokens if self.draft is not None else 0
 
     @property
     def context_tokens(self) -> int:

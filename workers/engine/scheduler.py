@@ -14,6 +14,9 @@ Two deques, as in nano-vllm: ``waiting`` (submitted, nothing reserved) and
   for each sequence past its prompt, and prompt chunks, in admission order, up to
   ``max_prefill_tokens`` prompt tokens in all. Decodes are never stalled by a long
   prompt; a prompt longer than the budget is prefilled over several steps.
+- A speculating sequence's row past its prompt is a draft row or a verify row,
+  with a commit row beside a draft row after a rejection (``speculation.plan_rows``);
+  its draft's prefill shares the prompt-token budget.
 """
 
 from __future__ import annotations
@@ -21,32 +24,42 @@ from __future__ import annotations
 from collections import deque
 
 from workers.engine.sequence import Sequence, Status
+from workers.engine.speculation import RowKind, after_draft, after_verify, plan_rows
 
 
 class StepBatch:
-    """One step's rows: a sequence, the tokens it feeds, and whether its logits give a new token."""
+    """One step's rows: a sequence, what the row runs (``RowKind``), the tokens it feeds, and whether its
+    logits give a token (a new one, or a draft's proposal)."""
 
-    __slots__ = ("sequences", "token_ids", "samples", "num_prefill_tokens", "num_decode_rows")
+    __slots__ = ("sequences", "kinds", "token_ids", "samples", "num_prefill_tokens", "num_decode_rows")
 
     def __init__(self):
         self.sequences: list[Sequence] = []
+        self.kinds: list[RowKind] = []
         self.token_ids: list[list[int]] = []
         self.samples: list[bool] = []  # False: a prompt chunk that does not end the prompt
         self.num_prefill_tokens = 0
         self.num_decode_rows = 0
 
-    def add(self, sequence: Sequence, token_ids: list[int], samples: bool) -> None:
-        if sequence.is_prefilling:
-            self.num_prefill_tokens += len(token_ids)
+    def add(self, sequence: Sequence, token_ids: list[int], samples: bool, kind: RowKind = RowKind.TARGET) -> None:
+        if sequence.is_prefilling or (kind is not RowKind.VERIFY and len(token_ids) > 1):
+            self.num_prefill_tokens += len(token_ids)  # a prompt chunk, a draft's prefill, a replay
         else:
-            self.num_decode_rows += 1
+            self.num_decode_rows += 1  # (a verify row counts as one decode row)
         self.sequences.append(sequence)
+        self.kinds.append(kind)
         self.token_ids.append(token_ids)
         self.samples.append(samples)
 
     @property
     def placements(self):
-        return [s.request.placement for s in self.sequences]
+        return [s.draft.placement if kind is RowKind.DRAFT else s.request.placement
+                for s, kind in zip(self.sequences, self.kinds)]
+
+    @property
+    def is_plain(self) -> bool:
+        """No draft or verify row: every row is its sequence's own placement, one sampled token at most."""
+        return all(kind is RowKind.TARGET for kind in self.kinds)
 
     @property
     def num_rows(self) -> int:
@@ -96,7 +109,12 @@ class Scheduler:
         batch = StepBatch()
         prefill_budget = self.max_prefill_tokens
         for sequence in self.running:
-            if not sequence.is_prefilling:
+            if not sequence.is_prefilling and sequence.draft is not None:
+                for kind, tokens, samples in plan_rows(sequence, prefill_budget):
+                    if kind is RowKind.DRAFT and sequence.draft.num_computed < sequence.num_prompt_tokens:
+                        prefill_budget -= len(tokens)  # the draft's prefill shares the prompt budget
+                    batch.add(sequence, tokens, samples, kind)
+            elif not sequence.is_prefilling:
                 batch.add(sequence, sequence.next_tokens(1), True)
             elif prefill_budget > 0:
                 chunk = sequence.next_tokens(prefill_budget)
@@ -104,12 +122,18 @@ class Scheduler:
                 batch.add(sequence, chunk, sequence.num_computed + len(chunk) == sequence.num_prompt_tokens)
         return batch
 
-    def postprocess(self, batch: StepBatch, tokens: list[int | None]) -> None:
-        """After the model ran ``batch``: advance each row and append the tokens sampled for it."""
-        for sequence, fed, token in zip(batch.sequences, batch.token_ids, tokens):
-            sequence.num_computed += len(fed)
-            if token is not None:
-                sequence.output_ids.append(token)
+    def postprocess(self, batch: StepBatch, tokens: list[list[int]]) -> None:
+        """After the model ran ``batch``: advance each row and append the tokens it gave (a draft row's
+        proposal goes to its draft; a verify row gives the kept proposals and one more)."""
+        for sequence, kind, fed, given in zip(batch.sequences, batch.kinds, batch.token_ids, tokens):
+            if kind is RowKind.DRAFT:
+                after_draft(sequence, fed, given[0] if given else None)
+                continue
+            if kind is RowKind.VERIFY:
+                after_verify(sequence, fed, len(given) - 1)
+            else:
+                sequence.num_computed += len(fed)
+            sequence.output_ids.extend(given)
 
     def finish(self, sequence: Sequence) -> None:
         """Take a sequence out of either queue and free its reservation (idempotent; the runner frees its blocks)."""
@@ -138,7 +162,11 @@ class Scheduler:
             assert s.num_computed == 0 and not s.output_ids and s.blocks is None, f"{s} holds state while waiting"
         for s in self.running:
             assert len(s.output_ids) < s.request.params.max_tokens, f"{s} should have finished"
-            if s.output_ids:
+            if s.output_ids and s.draft is not None:  # a rolled-back target replays what it kept
+                assert s.num_computed <= s.num_tokens - 1, f"{s}: decode position out of step"
+                assert len(s.draft.proposals) <= s.draft.tokens, f"{s}: more proposals than draft tokens"
+                assert s.draft.num_computed <= s.num_tokens + len(s.draft.proposals), f"{s}: draft ran ahead"
+            elif s.output_ids:
                 assert s.num_computed == s.num_tokens - 1, f"{s}: decode position out of step"
             else:
                 assert 0 <= s.num_computed <= s.num_prompt_tokens, f"{s}: prefill position out of range"

@@ -33,11 +33,32 @@ class SequenceStats:
     cache_bytes: int  # reserved while running; what it will reserve while waiting
     prefill_tokens_left: int
     request_id: str = ""
+    draft: str = ""  # the draft placement's code when it speculates
+    draft_tokens: int = 0
 
     @property
     def context_tokens(self) -> int:
         """Tokens in its context now (prompt plus generated)."""
         return self.prompt_tokens + self.output_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculationStats:
+    """Speculation of one (target, draft) pair since the engine started: proposals verified, kept, verify
+    steps, and the steps that refused one."""
+
+    target: str
+    draft: str
+    drafted: int
+    accepted: int
+    verifies: int
+    rejected_steps: int
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Per proposal examined (each step examines its kept proposals and the one it refused, if any)."""
+        examined = self.accepted + self.rejected_steps
+        return self.accepted / examined if examined else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +70,7 @@ class EngineStats:
     recent_steps: tuple[StepRecord, ...]  # oldest first, at most EngineConfig.step_history
     num_steps: int  # steps that ran the model since start
     taken_at: float  # time.monotonic() when the snapshot was made
+    speculation: tuple[SpeculationStats, ...] = ()  # cumulative, one per (target, draft) pair seen
 
     @property
     def cache_free_bytes(self) -> int:

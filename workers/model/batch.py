@@ -213,13 +213,14 @@ class StepCache:
 
 class ForwardBatch:
     __slots__ = ("token_ids", "positions", "positions_host", "rows", "placements", "cache", "_sets", "_groups",
-                 "_cos_sin")
+                 "_cos_sin", "logit_index")
 
     def __init__(self, token_ids: list[int] | torch.Tensor, rows: list[Row], placements: Sequence[Placement],
                  cache: CacheRows | None = None, device=None, static_pages: int | None = None):
         self.rows, self.placements = rows, list(placements)
         device = token_ids.device if isinstance(token_ids, torch.Tensor) else device
         self._cos_sin: dict = {}
+        self.logit_index: torch.Tensor | None = None  # tokens whose logits forward() returns (None: each row's last)
         # Which rows run which mixer at each layer; one RowSet per distinct set of rows.
         layers = len(self.placements[0]) if self.placements else 0
         whole = RowSet(None, rows)
@@ -374,6 +375,7 @@ class ForwardBatch:
         self.rows = [Row(i, 1, 0) for i in range(rows)]  # (starts live on the device only)
         self.placements = [placement] * rows
         self._cos_sin = {}
+        self.logit_index = None
         whole = RowSet(None, self.rows)
         whole.positions, whole.table_rows = positions, table_rows
         self._sets = {None: whole}

@@ -124,7 +124,8 @@ class SupernetLM(nn.Module):
                 raise InvalidPlacement(f"layer {i} has no {mixer.value} mixer")
 
     def forward(self, batch: ForwardBatch, all_logits: bool = False) -> torch.Tensor:
-        """Logits at each row's last new token ([rows, vocab]), or at every token ([tokens, vocab]).
+        """Logits at each row's last new token ([rows, vocab]), at ``batch.logit_index`` when it is set (a
+        verify row's positions, ``workers/engine/speculation.py``), or at every token ([tokens, vocab]).
 
         With ``batch.cache``, each row continues from its ``start`` cached tokens and its new tokens are
         written to the pool; the caller owns the count (the engine's ``Sequence.num_computed``). A cached
@@ -135,6 +136,6 @@ class SupernetLM(nn.Module):
         h = self.model.embed_tokens(batch.token_ids)
         for i, block in enumerate(self.blocks):
             h = block(h, batch.groups(i))
-        last = batch.last_token_index()
+        last = batch.last_token_index() if batch.logit_index is None else batch.logit_index
         h = self.model.norm(h if all_logits or last is None else h[last])
         return h @ self.head_weight.t()

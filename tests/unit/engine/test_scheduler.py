@@ -24,7 +24,7 @@ def run_step(scheduler: Scheduler, token: int = 7) -> tuple[list[Sequence], list
     """Admit, schedule, pretend the model ran, finish what reached max_tokens; return (admitted, finished)."""
     admitted = scheduler.admit()
     batch = scheduler.schedule()
-    scheduler.postprocess(batch, [token if wanted else None for wanted in batch.samples])
+    scheduler.postprocess(batch, [[token] if wanted else [] for wanted in batch.samples])
     done = [s for s in batch.sequences if len(s.output_ids) >= s.request.params.max_tokens]
     for s in done:
         scheduler.finish(s)
@@ -62,13 +62,13 @@ def test_prompts_are_prefilled_in_chunks_beside_decodes():
     scheduler.admit()
     batch = scheduler.schedule()  # short's whole prompt (3) and 5 of long's
     assert batch.token_ids == [[4, 5, 6], list(range(4, 9))] and batch.samples == [True, False]
-    scheduler.postprocess(batch, [11, None])
+    scheduler.postprocess(batch, [[11], []])
     for expected_chunk in (range(9, 17), range(17, 24)):
         batch = scheduler.schedule()
         assert batch.token_ids[0] == [short.output_ids[-1]]  # the decode row is never stalled
         assert batch.token_ids[1] == list(expected_chunk)
         assert batch.num_decode_rows == 1 and batch.num_prefill_tokens == len(expected_chunk)
-        scheduler.postprocess(batch, [12, 13 if batch.samples[1] else None])
+        scheduler.postprocess(batch, [[12], [13] if batch.samples[1] else []])
         scheduler.check_invariants()
     assert long_.num_computed == 20 and long_.output_ids == [13]
     batch = scheduler.schedule()
