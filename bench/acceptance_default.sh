@@ -2,13 +2,15 @@
 # The default checkpoint's acceptance table: its presets (fastest, fast, balanced) drafting for the quality
 # preset (all attention), greedy and at temperature 1, on the held-out stdlib documents the quality table
 # was scored on. Writes router/assets/stdlib-supernet-8l/acceptance.json (shipped) unless OUT is given.
-#   bash bench/acceptance_default.sh            # about a minute on this CPU
+#   bash bench/acceptance_default.sh [RUNS]     # about a minute on this CPU; RUNS (default runs) gets heldout.jsonl
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PY:-.venv/bin/python}"
 ASSET=router/assets/stdlib-supernet-8l
 OUT="${OUT:-$ASSET/acceptance.json}"
-DATA="$(mktemp -d)/heldout.jsonl"
+RUNS="${1:-runs}"
+mkdir -p "$RUNS"
+DATA="$RUNS/heldout.jsonl"  # the documents bench/train_small.sh scores the quality table on
 "$PY" - "$DATA" <<'PYEOF'
 import json, sys
 from workers.training.corpus import read_documents, split

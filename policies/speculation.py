@@ -7,10 +7,15 @@ tokens, the usual model), a verify step yields
 
     E[tokens] = 1 + a + a^2 + ... + a^k = (1 - a^(k+1)) / (1 - a)
 
-for the cost of k draft steps and one verify step of k+1 tokens.
+for the cost of k draft steps and one verify step of k+1 tokens. The router
+speculates only where that wins (``policies.routing.policy``): the shared MLPs
+dominate a step's weight reads, so at small batches and short contexts a draft
+step costs nearly what a target step does, and speculation loses.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from policies.errors import InvalidRequest
 
@@ -29,3 +34,44 @@ def expected_tokens(acceptance: float, tokens: int) -> float:
 def check_draft_tokens(tokens: int) -> None:
     if not isinstance(tokens, int) or isinstance(tokens, bool) or not 1 <= tokens <= MAX_DRAFT_TOKENS:
         raise InvalidRequest(f"draft tokens must be an integer from 1 to {MAX_DRAFT_TOKENS}, got {tokens!r}")
+
+
+class AcceptanceRates:
+    """Measured per-token acceptance rates by (target code, draft code), greedy and sampled, from an
+    acceptance table (``policies.tables.AcceptanceFile``)."""
+
+    __slots__ = ("_rates",)
+
+    def __init__(self, rates: dict[tuple[str, str], tuple[float, float]]):
+        self._rates = dict(rates)
+
+    @classmethod
+    def from_table(cls, table) -> "AcceptanceRates":
+        return cls({(e.target, e.draft): (e.greedy.acceptance_rate, e.sampled.acceptance_rate) for e in table.entries})
+
+    def rate(self, target: str, draft: str, sampled: bool) -> float | None:
+        found = self._rates.get((target, draft))
+        return None if found is None else found[1 if sampled else 0]
+
+    def drafts_of(self, target: str) -> list[str]:
+        return [draft for (t, draft) in self._rates if t == target]
+
+    def __len__(self) -> int:
+        return len(self._rates)
+
+
+def speculative_tpot(acceptance: float, tokens: np.ndarray, draft_step_ms, verify_step_ms,
+                     draft_prefill_ms, output_tokens: float) -> np.ndarray:
+    """Predicted time per output token with speculation, for each draft length in ``tokens`` (k).
+
+    A round is k draft steps and one verify step (``verify_step_ms``: per k, the target's step with the k
+    extra tokens of every verifying row) and yields ``expected_tokens`` tokens; the draft's prefill of the
+    prompt (after the first token) is spread over the ``output_tokens``."""
+    expected = _expected(acceptance, tokens)
+    return (tokens * draft_step_ms + verify_step_ms) / expected + draft_prefill_ms / max(output_tokens - 1.0, 1.0)
+
+
+def _expected(acceptance: float, tokens: np.ndarray) -> np.ndarray:
+    if acceptance >= 1.0:
+        return tokens + 1.0
+    return (1.0 - acceptance ** (tokens + 1.0)) / (1.0 - acceptance)

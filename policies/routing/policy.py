@@ -12,6 +12,13 @@ SLA policy, in order:
    fastest (earliest completion) pair and flag ``sla_at_risk``.
 No budget: the best quality, on the replica where it completes first.
 
+Speculation ("auto", with an acceptance table): before step 3, each preset's TPOT on each replica is
+replaced by its speculated TPOT where some draft preset and draft length k win
+(``policies.speculation``): the draft's step and the verify step priced from the same predictions,
+the draft's prefill spread over the output, and only where the time this request saves exceeds what its
+verify rows add to every other row of the batch. Quality is the target's, so a budget that only the
+quality preset's speculated TPOT meets gets the quality preset, speculating.
+
 Baselines for benchmarks: ``fixed:<preset>`` (that preset, replicas in turn), ``round-robin`` and
 ``least-loaded`` (both on the default, best-quality preset).
 """
@@ -27,8 +34,10 @@ from policies.errors import ConfigError, InvalidRequest, UnknownPreset
 from policies.routing.kernels import earliest_per_preset
 from policies.routing.predict import Fleet, Forecast, Predictor, WorkerView
 from policies.routing.types import Decision, Prediction, PresetInfo, RoutingRequest, WorkerState
+from policies.speculation import MAX_DRAFT_TOKENS, AcceptanceRates, speculative_tpot
 
 SHED_NO_PRESET = "no-preset-meets-slo"
+_DRAFT_LENGTHS = np.arange(1, MAX_DRAFT_TOKENS + 1, dtype=float)
 _EMPTY = WorkerState(replica_id="", cache_budget_bytes=2**62)
 
 
@@ -69,6 +78,13 @@ class _Base:
         replica = fleet.views[w].state.replica_id or None
         return Decision(preset.name, preset.placement, replica, prediction, reason, **flags)
 
+    def _given_draft(self, request: RoutingRequest, decision: Decision) -> Decision:
+        """With speculation "given", the client's draft, as asked (the policy chooses only with "auto")."""
+        if request.speculation == "given":
+            decision.draft, decision.draft_tokens = request.draft, request.draft_tokens
+            decision.draft_preset = next((p.name for p in self.presets if p.placement == request.draft), None)
+        return decision
+
     def _forced(self, request: RoutingRequest) -> int | None:
         name = request.preset
         if request.placement is not None:
@@ -83,8 +99,15 @@ class _Base:
 
 
 class SlaPolicy(_Base):
-    def __init__(self, predictor: Predictor, margin: float = 0.9):
+    def __init__(self, predictor: Predictor, margin: float = 0.9, acceptance: AcceptanceRates | None = None,
+                 min_gain: float = 0.05):
         super().__init__(predictor)
+        self.acceptance = acceptance if acceptance else None
+        self.min_gain = min_gain  # speculate only for a predicted TPOT at least this much lower
+        self._by_code = {p.placement.code: i for i, p in enumerate(self.presets)}
+        self._drafts = [[] if self.acceptance is None else
+                        [self._by_code[d] for d in self.acceptance.drafts_of(p.placement.code)
+                         if d in self._by_code and d != p.placement.code] for p in self.presets]
         if not 0 < margin <= 1:
             raise ConfigError(f"routing safety margin must be in (0, 1], got {margin}")
         self.margin = margin
@@ -95,6 +118,7 @@ class SlaPolicy(_Base):
             groups.setdefault(float(predictor.quality[p]), []).append(p)
         self._equal_quality = [groups[q] for q in predictor.quality.tolist()]  # per preset: those of its quality
         self.error = {"ttft": 1.0, "tpot": 1.0}  # measured / predicted, from served requests (EWMA)
+        self._plans: dict | None = None  # the current decision's speculation plans (``_speculate``)
 
     def observe(self, prediction: Prediction, ttft_ms: float, tpot_ms: float | None, weight: float = 0.05) -> None:
         """Online calibration from a finished request: a request's TTFT and TPOT also depend on the load that
@@ -107,13 +131,21 @@ class SlaPolicy(_Base):
                 self.error[key] += weight * (ratio - self.error[key])
 
     def decide(self, request: RoutingRequest, states: list[WorkerState]) -> Decision:
+        return self._given_draft(request, self._decide(request, states))
+
+    def _decide(self, request: RoutingRequest, states: list[WorkerState]) -> Decision:
         forced = self._forced(request)
         fleet = self.fleet(states)
+        self._plans = None
         if forced == -1:
             w = min(range(len(fleet.views)), key=lambda i: _load(fleet.views[i].state))
             return Decision(None, request.placement, fleet.views[w].state.replica_id or None, None,
                             "placement forced by the request")
         forecast = self.predictor.predict(request, fleet)
+        plans = None
+        if request.speculation == "auto" and self.acceptance is not None:
+            forecast, plans = self._speculate(request, fleet, forecast)
+        self._plans = plans
         inf = math.inf
         soonest, where = earliest_per_preset(
             forecast.times, forecast.flags, self._allowed(request, forced),
@@ -172,8 +204,57 @@ class SlaPolicy(_Base):
         ttft_error, tpot_error = self.error["ttft"], self.error["tpot"]
         prediction = Prediction(queue_wait * ttft_error, ttft * ttft_error, tpot * tpot_error,
                                 ttft * ttft_error + (completion - ttft) * tpot_error, preset.quality)
-        return Decision(preset.name, preset.placement, fleet.views[w].state.replica_id or None, prediction, reason,
-                        raw_prediction=Prediction(*raw, preset.quality), **flags)
+        decision = Decision(preset.name, preset.placement, fleet.views[w].state.replica_id or None, prediction,
+                            reason, raw_prediction=Prediction(*raw, preset.quality), **flags)
+        plan = None if self._plans is None else self._plans.get(p)
+        if plan is not None and plan[1][w] > 0:
+            drafts, tokens, plain = plan
+            draft = self.presets[int(drafts[w])]
+            decision.draft, decision.draft_tokens, decision.draft_preset = draft.placement, int(tokens[w]), draft.name
+            decision.plain_tpot_ms = float(plain[w]) * tpot_error
+        return decision
+
+    def _speculate(self, request: RoutingRequest, fleet: Fleet, forecast: Forecast) -> tuple[Forecast, dict]:
+        """The forecast with each preset's TPOT (and completion) at its best speculation where that wins, and
+        per such preset the plan per replica: (draft preset index, k (0: plain), plain TPOT).
+
+        A replica's rows of the target preset are assumed to speculate together (the router decides alike
+        for them): a draft step replaces their target mixers by the draft's, read for all of them at once,
+        which is what makes it cheap; a verify step adds their k extra tokens. Rows of other presets run
+        as they do, in every step."""
+        times, plans = forecast.times, {}
+        tpot, calibration = times[2], fleet.calibration
+        width = len(fleet.views)
+        for p, drafts in enumerate(self._drafts):
+            if not drafts:
+                continue
+            target = self.presets[p].placement
+            plain = tpot[p].copy()
+            best, best_draft, best_tokens = plain.copy(), np.zeros(width), np.zeros(width)
+            for w, view in enumerate(fleet.views):
+                same = [r.context_tokens for r in view.state.running if r.placement == target]
+                rows = len(same) + 1
+                context = (sum(same) + request.prompt_tokens + request.max_tokens / 2) / rows
+                mixers = calibration[w] * self.predictor.mixers_ms(p, rows, context)
+                verify = plain[w] + calibration[w] * rows * _DRAFT_LENGTHS * self.predictor.prefill_ms_per_token(
+                    p, context)  # [K]
+                for d in drafts:
+                    rate = self.acceptance.rate(target.code, self.presets[d].placement.code, request.sampled)
+                    draft_step = plain[w] - mixers + calibration[w] * self.predictor.mixers_ms(d, rows, context)
+                    prefill = calibration[w] * request.prompt_tokens * self.predictor.prefill_ms_per_token(
+                        d, request.prompt_tokens)  # the draft's own prefill, after the first token
+                    speculated = speculative_tpot(rate, _DRAFT_LENGTHS, draft_step, verify, prefill,
+                                                  request.max_tokens)
+                    k = int(speculated.argmin())
+                    if speculated[k] < (1 - self.min_gain) * plain[w] and speculated[k] < best[w]:
+                        best[w], best_draft[w], best_tokens[w] = speculated[k], d, _DRAFT_LENGTHS[k]
+            if best_tokens.any():
+                if not plans:
+                    times = times.copy()
+                times[2, p] = best
+                times[3, p] = times[1, p] + (request.max_tokens - 1) * best
+                plans[p] = (best_draft, best_tokens, plain)
+        return (Forecast(times, forecast.flags) if plans else forecast), plans
 
 
 class Baseline(_Base):
@@ -196,18 +277,20 @@ class Baseline(_Base):
             w = next(self._turn) % len(fleet.views)
         else:
             w = min(range(len(fleet.views)), key=lambda i: _load(fleet.views[i].state))
-        return self._decision(p, w, fleet, self.predictor.predict(request, fleet), f"baseline {self.replicas}")
+        decision = self._decision(p, w, fleet, self.predictor.predict(request, fleet), f"baseline {self.replicas}")
+        return self._given_draft(request, decision)
 
 
 def _load(state: WorkerState) -> tuple:
     return (len(state.running) + state.waiting_requests + state.in_flight, state.cache_used_bytes)
 
 
-def build_policy(name: str, predictor: Predictor, default_preset: str | None = None, margin: float = 0.9):
+def build_policy(name: str, predictor: Predictor, default_preset: str | None = None, margin: float = 0.9,
+                 acceptance: AcceptanceRates | None = None):
     """``sla`` | ``fixed:<preset>`` | ``round-robin`` | ``least-loaded`` (the last two on the default preset)."""
     default = default_preset or max(predictor.presets, key=lambda p: p.quality).name
     if name == "sla":
-        return SlaPolicy(predictor, margin)
+        return SlaPolicy(predictor, margin, acceptance)
     if name.startswith("fixed:"):
         return Baseline(predictor, name.split(":", 1)[1], "round-robin")
     if name in ("round-robin", "round_robin"):

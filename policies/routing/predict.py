@@ -192,6 +192,7 @@ class Predictor:
                               else np.zeros(len(speed.prefill_contexts)) for m in MIXERS])
         layer_mixers = self.onehot.reshape(len(presets), self.num_layers, len(MIXERS)).sum(1)  # [P, 4]
         self.prefill_per_token = layer_mixers @ per_mixer  # [P, G]
+        self._mixer_counts = layer_mixers  # [P, 4]: layers per mixer
         self.prefill_contexts = np.asarray(speed.prefill_contexts, dtype=float)  # [G]
         self.chunk = speed.prefill_chunk
         self.chunk_fixed_ms = self._shared_and_head(self.chunk) - speed.head(self.chunk).ms + speed.head(1).ms
@@ -259,6 +260,18 @@ class Predictor:
 
     def sequence_bytes(self, context: int) -> np.ndarray:
         return self._bytes.sequence_bytes(context)
+
+    def mixers_ms(self, preset: int, rows: float, context: float) -> float:
+        """Uncalibrated decode time of the mixer layers alone for ``rows`` rows of a preset at ``context``
+        (shared layers and head excluded): what a batch's rows of one placement cost a step."""
+        counts = self._mixer_counts[preset]
+        return float(sum(counts[_M[m]] * grid(np.array([rows], float), np.array([context], float))[0]
+                         for m, grid in self.decode.items() if counts[_M[m]]))
+
+    def prefill_ms_per_token(self, preset: int, context: float) -> float:
+        """Uncalibrated prefill cost per token of a preset at a context (what a verify row's extra tokens and a
+        draft's prefill cost), read along the profiled contexts."""
+        return float(np.interp(context, self.prefill_contexts, self.prefill_per_token[preset]))
 
 
 class _BytesModel:

@@ -20,6 +20,10 @@ class RoutingRequest:
     priority: int = 0  # negative: may be shed
     preset: str | None = None  # forced preset
     placement: Placement | None = None  # forced placement
+    speculation: str = "auto"  # "auto": the policy decides; "off"; "given": ``draft`` / ``draft_tokens``
+    draft: Placement | None = None  # the given draft (speculation "given")
+    draft_tokens: int = 0
+    sampled: bool = False  # temperature > 0 (speculative sampling accepts at a different rate than greedy)
 
     @property
     def has_budget(self) -> bool:
@@ -89,3 +93,7 @@ class Decision:
     sla_at_risk: bool = False
     details: tuple[str, ...] = field(default=())
     raw_prediction: Prediction | None = None  # before calibration: what measurements are compared with
+    draft: Placement | None = None  # speculate: this placement drafts ``draft_tokens`` per verify step
+    draft_tokens: int = 0
+    draft_preset: str | None = None  # the draft's preset name, when it is one
+    plain_tpot_ms: float | None = None  # the predicted TPOT without speculation (calibrated), when speculating

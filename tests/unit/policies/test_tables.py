@@ -177,3 +177,23 @@ def test_layer_counts_must_agree(tmp_path):
     path = write_table(tmp_path / "speed.json", parse_table(speed_dict(), SpeedFile, "x"))
     model = read_speed_model(path)
     assert model.num_layers == LAYERS and model.batches == (1, 2, 4)
+
+
+def test_the_shipped_acceptance_table_loads_and_a_wrong_rate_is_named():
+    import json
+
+    from policies.speculation import AcceptanceRates
+    from policies.tables import AcceptanceFile, parse_table, read_table
+    from router.defaults import SHIPPED
+
+    table = read_table(SHIPPED / "acceptance.json", AcceptanceFile)
+    rates = AcceptanceRates.from_table(table)
+    assert len(rates) == len(table.entries) >= 3 and all(e.target == "AAAAAAAA" for e in table.entries)
+    data = json.loads((SHIPPED / "acceptance.json").read_text())
+    data["entries"][0]["greedy"]["acceptance_rate"] = 0.01
+    with pytest.raises(TableMismatch, match="acceptance_rate"):
+        parse_table(data, AcceptanceFile, "edited.json")
+    data = json.loads((SHIPPED / "acceptance.json").read_text())
+    data["entries"][0]["draft"] = "AAAA"
+    with pytest.raises(TableMismatch, match="layers"):
+        parse_table(data, AcceptanceFile, "edited.json")
