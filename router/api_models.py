@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from policies.speculation import MAX_DRAFT_TOKENS
 
 
 class _Body(BaseModel):
@@ -22,6 +24,13 @@ class Sla(_Body):
     ttft_ms: float | None = Field(None, gt=0, description="Time to first token, milliseconds.")
     tpot_ms: float | None = Field(None, gt=0, description="Time per output token after the first, milliseconds.")
     deadline_ms: float | None = Field(None, gt=0, description="End-to-end deadline, milliseconds.")
+
+
+class Speculation(_Body):
+    """Speculate with this draft: a preset name or a placement code, proposing ``tokens`` per verify step."""
+
+    draft: str = Field(..., min_length=1, description="Draft preset name or placement code.")
+    tokens: int = Field(4, ge=1, le=MAX_DRAFT_TOKENS, description="Tokens drafted per verify step.")
 
 
 class StreamOptions(_Body):
@@ -49,6 +58,27 @@ class _Generation(_Body):
     priority: int = Field(0, description="Negative: the request may be shed when no preset meets its budget.")
     preset: str | None = Field(None, description="Force this preset.")
     placement: str | None = Field(None, description="Force this placement code (one letter per layer).")
+    speculation: Literal["auto", "off"] | Speculation = Field(
+        "auto", description='Speculative decoding: "auto" (the router speculates where its speed model predicts '
+                            'a lower TPOT), "off", or {"draft": preset or placement, "tokens": k}. The output is '
+                            "the chosen preset's either way.")
+
+    @field_validator("speculation", mode="before")
+    @classmethod
+    def _speculation(cls, value):
+        """One clear message for either form (a plain union would report the first branch's error)."""
+        if isinstance(value, str):
+            if value not in ("auto", "off"):
+                raise ValueError(f'must be "auto", "off" or {{"draft": ..., "tokens": k}}, got {value!r}')
+            return value
+        if isinstance(value, dict):
+            try:
+                return Speculation.model_validate(value)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise ValueError(f"{where}: {first['msg']}") from None
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -126,18 +156,27 @@ class Routing(BaseModel):
     predicted_quality: float | None = None
     reason: str
     sla_at_risk: bool = False
+    draft_placement: str | None = None  # speculating: the draft's placement code
+    draft_preset: str | None = None  # ... and its preset name, when it is one
+    draft_tokens: int | None = None
+    predicted_plain_tpot_ms: float | None = None  # the predicted TPOT without speculation (when chosen by it)
+    predicted_speculation_gain: float | None = None  # predicted_plain_tpot_ms / predicted_tpot_ms
 
     def headers(self) -> dict[str, str]:
         def number(value):
             return "" if value is None else f"{value:.3f}"
 
-        return {
+        headers = {
             "x-preset": self.preset or "",
             "x-placement": self.placement,
             "x-predicted-ttft-ms": number(self.predicted_ttft_ms),
             "x-predicted-tpot-ms": number(self.predicted_tpot_ms),
             "x-predicted-quality": number(self.predicted_quality),
         }
+        if self.draft_placement is not None:
+            headers["x-draft-placement"] = self.draft_placement
+            headers["x-draft-tokens"] = str(self.draft_tokens)
+        return headers
 
 
 class Usage(BaseModel):

@@ -70,6 +70,9 @@ class IngressSettings(_Strict):
 class TablesSettings(_Strict):
     speed: str | None = Field(None, description="Speed table (supernet-router profile) measured for this checkpoint "
                                                 "on the workers' device; without one, routing uses the default preset.")
+    acceptance: str | None = Field(None, description="Acceptance table (supernet-router acceptance) of this "
+                                                     "checkpoint's presets as drafts: with a speed table, requests "
+                                                     "with speculation \"auto\" speculate where it is predicted to win.")
 
 
 class RoutingSettings(_Strict):

@@ -38,7 +38,8 @@ def default_config(home: Path = DEFAULT_HOME) -> AppConfig:
     if not speed.exists():
         _profile(folder, speed)
     presets = default_presets(folder / "presets.json")
-    return AppConfig(model={"checkpoint": str(folder)}, presets=presets, tables={"speed": str(speed)})
+    return AppConfig(model={"checkpoint": str(folder)}, presets=presets,
+                     tables={"speed": str(speed), "acceptance": str(folder / "acceptance.json")})
 
 
 def default_presets(path: Path) -> list[PresetSettings]:

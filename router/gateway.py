@@ -48,6 +48,8 @@ class Prepared:
     sla: Sla | None = None  # the request's budgets (metrics count them met or missed)
     downgrade: str | None = None  # why a faster preset than the best was chosen: "budget", "load" or None
     raw_prediction: Prediction | None = None  # the policy's uncalibrated prediction (for its calibration)
+    draft: Placement | None = None  # speculate: the draft placement, proposing draft_tokens per verify step
+    draft_tokens: int = 0
 
     @property
     def preset_label(self) -> str:
@@ -83,7 +85,7 @@ class Gateway:
         if config.tables.speed is not None:
             infos = [PresetInfo(n, self.placements[n], p.quality) for n, p in self.presets.items()]
             self.routing = RoutingService(config.routing.policy, config.tables.speed, infos, self.num_layers,
-                                          self.default_preset, config.routing.margin)
+                                          self.default_preset, config.routing.margin, config.tables.acceptance)
             if config.routing.policy == "sla":
                 self._idle_policy = build_policy("sla", self.routing.predictor, self.default_preset,
                                                  config.routing.margin)
@@ -133,6 +135,9 @@ class Gateway:
                   "top_k": body.top_k, "seed": body.seed, "stop": list(body.stop or [])}
         prepared = Prepared(uuid.uuid4().hex, prompt_ids, placement, routing, params, body.model, started, replica,
                             sla, downgrade, raw[0] if raw else None)
+        if routing.draft_placement is not None:
+            prepared.draft = Placement.parse(routing.draft_placement, self.num_layers)
+            prepared.draft_tokens = routing.draft_tokens
         if self.routing is not None:
             self.routing.dispatched(replica, prepared.request_id)
         return prepared
@@ -183,26 +188,43 @@ class Gateway:
         if name is not None and name not in self.presets:
             raise ApiError(404, "unknown_preset", f"unknown preset {name!r}: use one of "
                                                   f"{', '.join(self.presets) or 'none configured'}", "preset")
+        draft = self._given_draft(body.speculation)
         if self.routing is not None:
-            return self._decide(body, sla, prompt_tokens, max_tokens, name, forced_placement)
+            return self._decide(body, sla, prompt_tokens, max_tokens, name, forced_placement, draft)
         if forced_placement is not None:
             known = next((n for n, p in self.placements.items() if p == forced_placement), None)
-            return (forced_placement, self._routing(known, forced_placement, "placement forced by the request"), None,
-                    None)
-        if name is not None:
-            return (self.placements[name], self._routing(name, self.placements[name], "preset forced by the request"),
+            return (forced_placement, self._routing(known, forced_placement, "placement forced by the request", draft),
                     None, None)
+        if name is not None:
+            return (self.placements[name], self._routing(name, self.placements[name], "preset forced by the request",
+                                                         draft), None, None)
         if self.default_preset is None:
             raise ApiError(400, "invalid_request", "no presets are configured: give a placement", "placement")
         return (self.placements[self.default_preset],
                 self._routing(self.default_preset, self.placements[self.default_preset],
-                              "default preset (no speed table configured)"), None, None)
+                              "default preset (no speed table configured)", draft), None, None)
+
+    def _given_draft(self, speculation) -> tuple[Placement, int] | None:
+        """The client's own draft (``{"draft": ..., "tokens": k}``): a preset name or a placement code."""
+        if isinstance(speculation, str):
+            return None
+        if speculation.draft in self.placements:
+            return self.placements[speculation.draft], speculation.tokens
+        try:
+            return Placement.parse(speculation.draft, self.num_layers), speculation.tokens
+        except InvalidPlacement as exc:
+            raise ApiError(400, "invalid_placement", f"speculation.draft is neither a preset "
+                                                     f"({', '.join(self.presets)}) nor a placement: {exc.message}",
+                           "speculation.draft") from None
 
     def _decide(self, body, sla: Sla | None, prompt_tokens: int, max_tokens: int, name: str | None,
-                placement: Placement | None):
+                placement: Placement | None, draft: tuple[Placement, int] | None):
+        speculation = "given" if draft is not None else body.speculation
         request = RoutingRequest(prompt_tokens, max_tokens, sla.ttft_ms if sla else None, sla.tpot_ms if sla else None,
                                  sla.deadline_ms if sla else None, body.min_quality, body.priority,
-                                 preset=name if placement is None else None, placement=placement)
+                                 preset=name if placement is None else None, placement=placement,
+                                 speculation=speculation, draft=draft[0] if draft else None,
+                                 draft_tokens=draft[1] if draft else 0, sampled=body.temperature > 0)
         decision = self.routing.decide(request, self.replicas())
         if decision.shed:
             retry = self.config.routing.retry_after_s
@@ -215,18 +237,31 @@ class Gateway:
                           predicted_tpot_ms=prediction.tpot_ms if prediction else None,
                           predicted_quality=prediction.quality if prediction else None,
                           reason=decision.reason, sla_at_risk=decision.sla_at_risk)
+        if decision.draft is not None:
+            routing.draft_placement, routing.draft_preset = decision.draft.code, decision.draft_preset
+            routing.draft_tokens = decision.draft_tokens
+            if decision.plain_tpot_ms is not None and prediction is not None and prediction.tpot_ms > 0:
+                routing.predicted_plain_tpot_ms = decision.plain_tpot_ms
+                routing.predicted_speculation_gain = decision.plain_tpot_ms / prediction.tpot_ms
         downgrade = (downgrade_reason(decision, request, self.best_quality, self._idle_policy)
                      if self._idle_policy is not None else None)
         return decision.placement, routing, decision.replica_id, downgrade, decision.raw_prediction
 
-    def _routing(self, name: str | None, placement: Placement, reason: str) -> Routing:
+    def _routing(self, name: str | None, placement: Placement, reason: str,
+                 draft: tuple[Placement, int] | None = None) -> Routing:
         quality = self.presets[name].quality if name is not None else None
-        return Routing(preset=name, placement=placement.code, predicted_quality=quality, reason=reason)
+        routing = Routing(preset=name, placement=placement.code, predicted_quality=quality, reason=reason)
+        if draft is not None:
+            routing.draft_placement, routing.draft_tokens = draft[0].code, draft[1]
+            routing.draft_preset = next((n for n, p in self.placements.items() if p == draft[0]), None)
+        return routing
 
     def worker_request(self, prepared: Prepared) -> dict:
         return {"request_id": prepared.request_id, "prompt_ids": prepared.prompt_ids,
                 "placement": prepared.placement.code, "params": prepared.params, "replica_id": prepared.replica_id,
-                "sla": prepared.sla.model_dump() if prepared.sla else None, "downgrade": prepared.downgrade}
+                "sla": prepared.sla.model_dump() if prepared.sla else None, "downgrade": prepared.downgrade,
+                "draft": prepared.draft.code if prepared.draft is not None else None,
+                "draft_tokens": prepared.draft_tokens}
 
     def log_done(self, prepared: Prepared, completion_tokens: int, finish_reason: str | None,
                  prompt_text: str | None = None) -> None:

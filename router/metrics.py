@@ -52,6 +52,12 @@ SPECS = {
     "supernet_engine_steps_total": ("counter", "Model steps.", ("replica",), None),
     "supernet_engine_rows_total": ("counter", "Rows over all steps (divide by steps: batch size).", ("replica",), None),
     "supernet_generated_tokens_total": ("counter", "Tokens generated.", ("replica",), None),
+    "supernet_drafted_tokens_total": ("counter", "Speculative tokens a draft proposed and its target verified.",
+                                      ("replica", "target", "draft"), None),
+    "supernet_accepted_tokens_total": ("counter", "Speculative tokens the target kept.",
+                                       ("replica", "target", "draft"), None),
+    "supernet_speculation_acceptance_rate": ("gauge", "Per-token acceptance of a (target, draft) pair since the "
+                                                      "replica started.", ("replica", "target", "draft"), None),
     "supernet_autoscaler_desired_replicas": ("gauge", "Worker replicas the autoscaler asks for.", ("deployment",), None),
     "supernet_autoscaler_replicas": ("gauge", "Worker replicas running.", ("deployment",), None),
     "supernet_autoscaler_decisions_total": ("counter", "Autoscaler evaluations, by reason.",
@@ -218,6 +224,7 @@ class WorkerMetrics:
         self._replica = ""
         self._last_steps = 0
         self._last_step_end = float("-inf")
+        self._speculated: dict[tuple[str, str], tuple[int, int]] = {}  # (target, draft) -> (drafted, accepted)
         self._started = time.monotonic()
         self._busy: deque[tuple[float, float]] = deque()  # (when, busy seconds since the previous entry)
         self._done: deque[tuple[float, dict]] = deque()  # (when, what one finished request tells the autoscaler)
@@ -260,6 +267,15 @@ class WorkerMetrics:
         rec.inc("supernet_engine_steps_total", steps, replica=replica)
         rec.inc("supernet_engine_rows_total", scale * sum(s.num_rows for s in new), replica=replica)
         rec.inc("supernet_generated_tokens_total", scale * sum(s.num_generated for s in new), replica=replica)
+        for pair in stats.speculation:
+            labels = {"replica": replica, "target": self.presets.get(pair.target, pair.target),
+                      "draft": self.presets.get(pair.draft, pair.draft)}
+            drafted, accepted = self._speculated.get((pair.target, pair.draft), (0, 0))
+            self._speculated[pair.target, pair.draft] = (pair.drafted, pair.accepted)
+            rec.inc("supernet_drafted_tokens_total", pair.drafted - drafted, **labels)
+            rec.inc("supernet_accepted_tokens_total", pair.accepted - accepted, **labels)
+            if pair.acceptance_rate is not None:
+                rec.set("supernet_speculation_acceptance_rate", pair.acceptance_rate, **labels)
 
     def request_done(self, request: dict, ttft_s: float | None, duration_s: float, tokens: int) -> None:
         """One request finished on this replica (worker-side times, for the in-process autoscaling stats)."""

@@ -18,7 +18,8 @@ from policies.placement import Placement
 from policies.routing import Decision, RoutingRequest, build_policy
 from policies.routing.predict import Predictor
 from policies.routing.types import PresetInfo, RunningRow, WorkerState
-from policies.tables import read_speed_model
+from policies.speculation import AcceptanceRates
+from policies.tables import AcceptanceFile, check_layers, read_speed_model, read_table
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,17 @@ CALIBRATION_LIMITS = (0.2, 20.0)
 
 class RoutingService:
     def __init__(self, policy_name: str, speed_path: str, presets: list[PresetInfo], num_layers: int,
-                 default_preset: str | None, margin: float):
+                 default_preset: str | None, margin: float, acceptance_path: str | None = None):
         speed = read_speed_model(speed_path)
         if speed.num_layers != num_layers:
             raise InvalidRequest(f"{speed_path}: the speed table has {speed.num_layers} layers, the model {num_layers}")
         self.predictor = Predictor(speed, presets)
-        self.policy = build_policy(policy_name, self.predictor, default_preset, margin)
+        self.acceptance = None
+        if acceptance_path is not None:
+            table = read_table(acceptance_path, AcceptanceFile)
+            check_layers(f"{acceptance_path} (acceptance table)", table.fingerprint.num_layers, "the model", num_layers)
+            self.acceptance = AcceptanceRates.from_table(table)
+        self.policy = build_policy(policy_name, self.predictor, default_preset, margin, self.acceptance)
         self.num_layers = num_layers
         self.calibration: dict[str, float] = {}
         self._in_flight: dict[str, dict[str, float]] = {}  # replica -> request id -> when it was dispatched

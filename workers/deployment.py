@@ -74,6 +74,8 @@ def request_from_dict(data: dict, num_layers: int) -> Request:
             stop=tuple(params.get("stop", ())), ignore_eos=params.get("ignore_eos", False),
         ),
         request_id=data["request_id"],
+        draft=Placement.parse(data["draft"], num_layers) if data.get("draft") else None,
+        draft_tokens=data.get("draft_tokens", 0) if data.get("draft") else 0,
     )
 
 

@@ -157,3 +157,19 @@ def test_overload_gives_fast_429s_and_every_request_ends(serve_url):
     assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses
     shed = next(r for r in responses if r.status_code == 429)
     assert shed.headers["retry-after"] and shed.headers["x-supernet-shed-reason"] == "queue-full"
+
+
+@pytest.mark.parametrize("draft", ["fastest", "SGKGKG"])
+def test_a_given_draft_gives_the_same_tokens_and_says_so(client, draft):
+    kwargs = dict(model="quality", prompt="def parse(text):\n    ", max_tokens=40, temperature=0)  # past the window
+    plain = client.completions.create(**kwargs, extra_body={"speculation": "off"})
+    raw = client.completions.with_raw_response.create(**kwargs, extra_body={"speculation": {"draft": draft,
+                                                                                          "tokens": 4}})
+    drafted = raw.parse()
+    assert drafted.choices[0].text == plain.choices[0].text and drafted.usage.completion_tokens == 40
+    code = "GGGGGG" if draft == "fastest" else draft
+    assert raw.headers["x-draft-placement"] == code and raw.headers["x-draft-tokens"] == "4"
+    assert drafted.model_extra["routing"]["draft_placement"] == code
+    bad = httpx.post(f"{client.base_url}completions", timeout=60,
+                     json={**kwargs, "speculation": {"draft": "fastest", "tokens": 99}})
+    assert bad.status_code == 400 and "tokens" in bad.text

@@ -152,6 +152,7 @@ async def _dashboard_load(url: str) -> list[int]:
         {**base, "sla": {"tpot_ms": 1e-6}, "priority": -1},  # shed: no preset can meet it
         {**base, "sla": {"tpot_ms": 1e-6}},  # served at risk: a budget downgrade and a missed budget
         {**base, "placement": "SSSSSS"},  # a placement that is no preset
+        {**base, "speculation": {"draft": "quick", "tokens": 3}},  # speculation's counters
         {**base, "max_tokens": "many"},  # invalid
     ]
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
@@ -171,7 +172,7 @@ async def _dashboard_load(url: str) -> list[int]:
 def test_every_documented_metric_is_exported_and_every_dashboard_panel_returns_data(prometheus_binary, scaled,
                                                                                    prometheus):
     statuses = asyncio.run(_dashboard_load(scaled))
-    assert sorted(statuses) == [200] * 10 + [400, 429], statuses
+    assert sorted(statuses) == [200] * 11 + [400, 429], statuses
     documented = documented_metrics()
     assert len(documented) >= 20
 
