@@ -98,3 +98,34 @@ def test_train_smoke_and_bad_options(tmp_path):
     assert bad.returncode == 2 and "no config.json there (train one with `train teacher`)" in bad.stderr
     bad = run("train", "teacher", "--out", tmp_path / "y", "--corpus", tmp_path / "missing", check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "expected 'stdlib'" in bad.stderr
+
+
+def generated(capsys, *args) -> list[int]:
+    from router.cli import main
+
+    assert main(["generate", *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"]
+
+
+@pytest.mark.parametrize("checkpoint, pairs", [
+    ("tiny", [("AAAAAA", "GGGGGG"), ("AAAAAA", "SSSSSS"), ("GGGGGG", "KKKKKK"), ("ASGKAS", "GGGGGG")]),
+    ("default", [("AAAAAAAA", "GGGGGGGG"), ("AAAAAAAA", "SSSSSSSS"), ("GGGGGGGG", "KKKKKKKK"),
+                 ("AGAAGAKA", "GGGGGGGG")]),
+])
+def test_generate_with_a_draft_prints_the_same_tokens_past_the_window(capsys, tiny_checkpoint, checkpoint, pairs):
+    from router.defaults import default_checkpoint
+
+    folder = tiny_checkpoint if checkpoint == "tiny" else default_checkpoint()  # windows of 16 and 32 tokens
+    common = ["--checkpoint", folder, "--prompt", "def fibonacci(n):", "--max-tokens", 48, "--temperature", 0]
+    for target, draft in pairs:
+        plain = generated(capsys, *common, "--placement", target)
+        assert generated(capsys, *common, "--placement", target, "--draft", draft, "--draft-tokens", 4) == plain, \
+            (target, draft)
+
+
+def test_generate_refuses_a_bad_draft(tiny_checkpoint):
+    result = run("generate", "--checkpoint", tiny_checkpoint, "--prompt", "x", "--draft", "GGGGGG",
+                 "--draft-tokens", 0, check=False)
+    assert result.returncode == 2 and "draft tokens must be an integer from 1 to 8" in result.stderr
+    result = run("generate", "--checkpoint", tiny_checkpoint, "--prompt", "x", "--draft", "GGG", check=False)
+    assert result.returncode == 2 and "GGG" in result.stderr
