@@ -129,3 +129,24 @@ def test_generate_refuses_a_bad_draft(tiny_checkpoint):
     assert result.returncode == 2 and "draft tokens must be an integer from 1 to 8" in result.stderr
     result = run("generate", "--checkpoint", tiny_checkpoint, "--prompt", "x", "--draft", "GGG", check=False)
     assert result.returncode == 2 and "GGG" in result.stderr
+
+
+def test_acceptance_writes_a_valid_table_and_refuses_bad_options(capsys, tiny_checkpoint, tmp_path):
+    from policies.tables import AcceptanceFile, read_table
+    from router.cli import main
+
+    data = tmp_path / "text.txt"
+    data.write_text("def add(a, b):\n    return a + b\n\n" * 40)
+    out = tmp_path / "acceptance.json"
+    assert main(["acceptance", "--checkpoint", str(tiny_checkpoint), "--data", str(data), "--targets", "AAAAAA",
+                 "--drafts", "GGGGGG,AAAAAA", "--tokens", "3", "--prompts", "2", "--prompt-tokens", "16",
+                 "--max-tokens", "12", "--out", str(out)]) == 0
+    table = read_table(out, AcceptanceFile)
+    by_draft = {e.draft: e for e in table.entries}
+    assert set(by_draft) == {"GGGGGG", "AAAAAA"} and table.draft_tokens == 3
+    assert by_draft["AAAAAA"].greedy.acceptance_rate == 1.0  # a draft that is the target always agrees
+    assert 0 <= by_draft["GGGGGG"].sampled.acceptance_rate <= 1 and by_draft["GGGGGG"].greedy.verify_steps > 0
+    capsys.readouterr()
+    assert main(["acceptance", "--checkpoint", str(tiny_checkpoint), "--data", str(data), "--targets", "AAAAAA",
+                 "--drafts", "GGGGGG", "--tokens", "9", "--out", str(out)]) == 2
+    assert "draft tokens must be an integer from 1 to 8" in capsys.readouterr().err
