@@ -9,6 +9,7 @@
 #   3. on the GPU (device `run`, carry .whl):  bash bench/engine_gpu.sh bench    # the 15B engine run, ~3-6 min
 #   4. here, with the files of steps 2 and 3:  bash bench/engine_gpu.sh record DIR2 DIR3
 #   5. here (CPU, ~10 min):                    bash bench/engine_gpu.sh simulate  # issue 6 on the measured table
+#   6. here (CPU, seconds):                    bash bench/engine_gpu.sh speculation  # issue 16 on the measured table
 # (`tests` and `profile` run step 2's halves alone.) Fifteen minutes of device time hold steps 2 and 3 and
 # one machine start; give the machine back after step 3.
 #
@@ -92,6 +93,10 @@ print(re.search(r'\b[A-Z]+[0-9]{2,}\b', name).group().lower())" "$first/speed-15
         .venv/bin/python bench/report.py render
     fi
     ;;
+speculation)  # issue 16: the router's predicted speculation gain at 4k/16k/32k on the measured 15B table
+    table=$(ls router/assets/tables/speed-superapriel-15b-*.json | head -n 1)
+    .venv/bin/python bench/report.py run speculation -- --only predict --speed "$table"
+    ;;
 simulate)  # issue 6: the simulator on the measured table instead of the roofline model
     table=$(ls router/assets/tables/speed-superapriel-15b-*.json | head -n 1)
     OMP_NUM_THREADS=1 .venv/bin/python bench/report.py run simulate -- --speed "$table" --requests 600 \
@@ -99,7 +104,7 @@ simulate)  # issue 6: the simulator on the measured table instead of the rooflin
         --out bench/results/simulation-sweep-measured.json
     ;;
 *)
-    sed -n '2,17p' "$0"
+    sed -n '2,18p' "$0"
     exit 2
     ;;
 esac

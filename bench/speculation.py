@@ -7,7 +7,7 @@ Decode tokens/s = tokens generated after the first / seconds from the first
 token to the last (the draft's prefill included, the target's excluded).
 
 ``--predict``: the router's own prediction (``SlaPolicy``, 15B shapes, the
-roofline H100 speed table, published presets as drafts of all-attention at an
+roofline H100 speed table, or ``--speed`` a measured one; published presets as drafts of all-attention at an
 assumed per-token acceptance) of TPOT with and without speculation at 4k / 16k /
 32k context and batch 1 / 16 / memory-filling (a replica holding that many
 all-attention rows at that context): the gain and the chosen draft and k.
@@ -74,7 +74,7 @@ def measure(batches: list[int], prompt_tokens: int, max_tokens: int, draft_token
     return out
 
 
-def predict(acceptance: float, contexts: list[int], budget_gib: float) -> dict:
+def predict(acceptance: float, contexts: list[int], budget_gib: float, speed_path: str | None = None) -> dict:
     from policies.cost import SpeedModel
     from policies.published import PUBLISHED_PRESETS
     from policies.placement import Mixer, Placement
@@ -86,7 +86,12 @@ def predict(acceptance: float, contexts: list[int], budget_gib: float) -> dict:
     from policies.tables import SpeedFile
 
     memory = super_apriel_memory()
-    speed = SpeedModel.from_file(SpeedFile.model_validate(roofline_speed_dict(memory)))
+    if speed_path is None:
+        speed = SpeedModel.from_file(SpeedFile.model_validate(roofline_speed_dict(memory)))
+    else:  # a measured 15B table (`supernet-router profile --shape superapriel-15b --device cuda`)
+        from policies.tables import read_speed_model
+
+        speed = read_speed_model(speed_path)
 
     def spread(preset) -> Placement:
         slots = []
@@ -124,6 +129,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--acceptance", type=float, default=0.75, help="assumed per-token acceptance for --predict")
     parser.add_argument("--budget-gib", type=float, default=40.0, help="cache budget of a 15B replica (H100: ~40)")
+    parser.add_argument("--speed", help="--predict on this measured 15B speed table instead of the roofline one")
     parser.add_argument("--only", choices=["measure", "predict"], help="run one part")
     args = parser.parse_args()
     result = {"bench": "speculation", "params": {k: v for k, v in vars(args).items() if k != "only"}}
@@ -139,7 +145,7 @@ def main() -> None:
                 result[f"{key} acceptance"] = entry["acceptance"]
                 result[f"{key} tokens/verify"] = entry["tokens_per_verify"]
     if args.only in (None, "predict"):
-        for key, entry in predict(args.acceptance, [4096, 16384, 32768], args.budget_gib).items():
+        for key, entry in predict(args.acceptance, [4096, 16384, 32768], args.budget_gib, args.speed).items():
             result[f"15b/{key} gain"] = entry["gain"]
             result[f"15b/{key} draft"] = f"{entry['draft']} k={entry['draft_tokens']}" if entry["draft"] else "off"
     print(json.dumps(result))
