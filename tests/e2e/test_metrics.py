@@ -152,7 +152,8 @@ async def _dashboard_load(url: str) -> list[int]:
         {**base, "sla": {"tpot_ms": 1e-6}, "priority": -1},  # shed: no preset can meet it
         {**base, "sla": {"tpot_ms": 1e-6}},  # served at risk: a budget downgrade and a missed budget
         {**base, "placement": "SSSSSS"},  # a placement that is no preset
-        {**base, "speculation": {"draft": "quick", "tokens": 3}},  # speculation's counters
+        {**base, "speculation": {"draft": "careful", "tokens": 3}},  # speculation's counters (a draft equal to the
+        # target keeps every proposal, so the accepted-tokens counter has a series too)
         {**base, "max_tokens": "many"},  # invalid
     ]
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:

@@ -177,7 +177,7 @@ def test_prefilled_rows_run_the_engine_step_at_the_same_context(tiny_model):
     step, pool = benchmark.prefilled_rows(tiny_model, memory, placement, 20, 3, seed=0)  # past the window of 16
     runner = ModelRunner(tiny_model, pool)
     tokens = runner.run(step)
-    assert len(tokens) == 3 and all(0 <= t < tiny_model.config.vocab_size for t in tokens)
+    assert len(tokens) == 3 and all(len(t) == 1 and 0 <= t[0] < tiny_model.config.vocab_size for t in tokens)
     assert pool.held_bytes == 3 * memory.sequence_bytes(placement, 21) == pool.usable_bytes
     runner.run(step)  # nothing moved the rows on: every step decodes at 20 (states and conv history move on)
     assert all(s.num_computed == 20 for s in step.sequences)

@@ -56,6 +56,12 @@ another). Each failure names the value to fix. Included by rayservice.yaml.
 {{- end }}
 
 {{- /* tables */ -}}
+{{- with $v.app.tables.acceptance }}
+{{- $dir := "/etc/supernet-router/tables/" }}
+{{- if and (hasPrefix $dir (toString .)) (not (hasKey ($v.tables | default dict) (trimPrefix $dir (toString .)))) }}
+{{- fail (printf "app.tables.acceptance is %s but tables has no %q: add it (--set-file 'tables.%s=FILE')" . (trimPrefix $dir (toString .)) (trimPrefix $dir (toString .) | replace "." "\\.")) }}
+{{- end }}
+{{- end }}
 {{- with $v.app.tables.speed }}
 {{- $dir := "/etc/supernet-router/tables/" }}
 {{- if hasPrefix $dir (toString .) }}
