@@ -98,3 +98,15 @@ def test_train_smoke_and_bad_options(tmp_path):
     assert bad.returncode == 2 and "no config.json there (train one with `train teacher`)" in bad.stderr
     bad = run("train", "teacher", "--out", tmp_path / "y", "--corpus", tmp_path / "missing", check=False)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "expected 'stdlib'" in bad.stderr
+
+
+def test_serve_refuses_a_metrics_port_in_use_with_one_line_and_exit_2():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--metrics-port", port, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and f"--metrics-port {port}" in result.stderr
