@@ -1,12 +1,10 @@
-"""CPU per streamed token: N concurrent HTTP streams against a running service, per process, read from /proc.
+"""CPU per streamed token: N concurrent HTTP streams against the running default service, per process.
 
-Starts the embedded default service (``supernet-router serve``'s app; ``--checkpoint`` for another), warms
-it up, then streams ``--streams`` chat-free completions of ``--tokens`` tokens each at once. Prints HTTP
-tokens/s, the engine's own tokens/s at that batch in the same run (decode-only steps with every stream
-running: rows / step time; ``engine_*`` from the worker's step records while it serves HTTP, ``alone_*``
-from the same engine built in this process afterwards, stepped with nothing else running) and the CPU ms
-per streamed token of the ingress replica, the Serve HTTP proxy and the worker replica (utime + stime from
-/proc, over the streaming phase only). One JSON line.
+Streams ``--streams`` completions of ``--tokens`` tokens at once (after a warm-up) and prints HTTP
+tokens/s; the engine's own decode tokens/s at that batch (``engine_``: the worker's full-batch decode
+steps during the HTTP run; ``alone_``: the same engine stepped in this process afterwards, nothing else
+running); and the CPU ms (utime + stime from /proc, streaming phase only) per streamed token of the
+ingress replica, the Serve HTTP proxy and the worker replica. One JSON line.
 
     .venv/bin/python bench/stream_cpu.py --streams 32 --tokens 200
 """
@@ -37,9 +35,7 @@ def free_port() -> int:
 def find_pids(app: str) -> dict[str, int]:
     """The Ray worker processes by their titles (``ray::ServeReplica:<app>:<deployment>``, ``ray::ProxyActor``)."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for entry in Path("/proc").glob("[0-9]*"):
         try:
             title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
@@ -47,9 +43,8 @@ def find_pids(app: str) -> dict[str, int]:
         for role, marker in PROCESSES.items():
             if title.startswith("ray::") and marker in title and (role == "proxy" or f":{app}:" in title):
                 found[role] = int(entry.name)
-    missing = set(PROCESSES) - set(found)
-    if missing:
-        sys.exit(f"stream_cpu.py: no process found for {sorted(missing)}")
+    if set(found) != set(PROCESSES):
+        sys.exit(f"stream_cpu.py: no process found for {sorted(set(PROCESSES) - set(found))}")
     return found
 
 
@@ -114,18 +109,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=200)
-    parser.add_argument("--checkpoint", type=Path, help="default: the embedded default service")
     parser.add_argument("--no-ignore-eos", action="store_true", help="for servers that refuse ignore_eos")
     args = parser.parse_args()
     import ray
     from ray import serve
 
     from router.app import build_app
-    from router.config import AppConfig
     from router.defaults import default_config
 
-    config = default_config() if args.checkpoint is None else AppConfig.from_dict(
-        {"model": {"checkpoint": str(args.checkpoint)}, "presets": [{"name": "quality", "placement": "A" * 6}]})
+    config = default_config()
     ray.init(include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -158,21 +150,16 @@ def main() -> None:
     total, events = sum(t for t, _ in tokens), sum(e for _, e in tokens)
     full = [s for s in steps if s["num_prefill_tokens"] == 0 and s["num_rows"] == args.streams]
     engine_tps = sum(s["num_generated"] for s in full) / sum(s["seconds"] for s in full) if full else None
-    per_token = {f"{role}_cpu_ms_per_token": round(1000 * seconds / total, 4) for role, seconds in cpu.items()}
+    ms = {role: round(1000 * seconds / total, 4) for role, seconds in cpu.items()}
     print(json.dumps({
         "bench": "stream_cpu", "streams": args.streams, "tokens": args.tokens, "streamed_tokens": total,
-        "http_tokens_per_s": round(total / elapsed, 1),
-        "engine_tokens_per_s": round(engine_tps, 1) if engine_tps else None, "engine_full_batch_steps": len(full),
-        "http_over_engine": round(total / elapsed / engine_tps, 3) if engine_tps else None,
-        "sse_events": events, **per_token,
-        "proxy_cpu_ms_per_event": round(1000 * cpu["proxy"] / events, 4),
-        "ingress_plus_proxy_cpu_ms_per_token": round(per_token["ingress_cpu_ms_per_token"]
-                                                     + per_token["proxy_cpu_ms_per_token"], 4),
-        "engine_ms_per_token": round(1000 / engine_tps, 4) if engine_tps else None,
-        "alone_tokens_per_s": round(alone_tps, 1), "alone_ms_per_token": round(1000 / alone_tps, 4),
+        "sse_events": events, "http_tokens_per_s": round(total / elapsed, 1),
+        "engine_tokens_per_s": engine_tps and round(engine_tps, 1), "alone_tokens_per_s": round(alone_tps, 1),
         "http_over_alone": round(total / elapsed / alone_tps, 3),
-        "worker_over_alone": round(per_token["worker_cpu_ms_per_token"] * alone_tps / 1000, 3),
-        "load_before": os.getloadavg()[0],
+        **{f"{role}_cpu_ms_per_token": value for role, value in ms.items()},
+        "ingress_plus_proxy_ms": round(ms["ingress"] + ms["proxy"], 4), "alone_ms_per_token": round(1000 / alone_tps, 4),
+        "worker_over_alone": round(ms["worker"] * alone_tps / 1000, 3),
+        "proxy_cpu_ms_per_event": round(1000 * cpu["proxy"] / events, 4), "load_1min": os.getloadavg()[0],
     }))
 
 
