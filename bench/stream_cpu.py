@@ -21,36 +21,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.procstat import cpu_seconds, find_pids  # noqa: E402
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-TICK_S = os.sysconf("SC_CLK_TCK")
-PROCESSES = {"ingress": "SupernetIngress", "proxy": "ProxyActor", "worker": "SupernetWorker"}
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def find_pids(app: str) -> dict[str, int]:
-    """The Ray worker processes by their titles (``ray::ServeReplica:<app>:<deployment>``, ``ray::ProxyActor``)."""
-    found = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        for role, marker in PROCESSES.items():
-            if title.startswith("ray::") and marker in title and (role == "proxy" or f":{app}:" in title):
-                found[role] = int(entry.name)
-    if set(found) != set(PROCESSES):
-        sys.exit(f"stream_cpu.py: no process found for {sorted(set(PROCESSES) - set(found))}")
-    return found
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK_S  # utime, stime
 
 
 async def stream_all(url: str, body: dict, streams: int) -> list[tuple[int, int]]:
@@ -127,7 +105,7 @@ def main() -> None:
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     if not args.no_ignore_eos:
         body["ignore_eos"] = True
-    pids = find_pids("bench")
+    pids = find_pids(port)
     handle = serve.get_deployment_handle("SupernetWorker", app_name="bench")
 
     async def measured():  # one event loop for every phase: the handle binds to the loop it is first used in
