@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from policies.errors import (SHED_REASON_HEADER, Cancelled, Overloaded, SupernetError,  # noqa: F401 (re-export)
-                             WorkerUnavailable)
+from policies.errors import Cancelled, Overloaded, SupernetError, WorkerUnavailable
 
 
 def as_supernet_error(exc: BaseException) -> SupernetError:

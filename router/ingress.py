@@ -119,7 +119,7 @@ class Ingress:
             return error_response(WorkerUnavailable(f"no worker answered: {as_supernet_error(exc).message}"))
         return {"status": "ok"}
 
-    @api.get("/metrics", response_class=PlainTextResponse, responses={503: responses(Health, 503)[503]})
+    @api.get("/metrics", response_class=PlainTextResponse, responses=responses(None, 503))
     async def metrics_page(self):
         """This node's supernet_* metrics, Prometheus text format (the names the dashboards query)."""
         url = self._metrics_url

@@ -123,10 +123,12 @@ def _ref(model: type[BaseModel]) -> dict:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
-def responses(ok: type[BaseModel], *errors: int) -> dict:
-    """A route's documented bodies: ``ok`` for 200, the error body for the given statuses (all when none)."""
-    return {200: {"model": ok}, **{status: {"model": ErrorResponse, "description": what}
-                                   for status, what in ERRORS.items() if not errors or status in errors}}
+def responses(ok: type[BaseModel] | None, *errors: int) -> dict:
+    """A route's documented bodies: ``ok`` for 200 (None: the route's own), the error body for the given
+    statuses (all when none)."""
+    documented = {200: {"model": ok}} if ok is not None else {}
+    return documented | {status: {"model": ErrorResponse, "description": what}
+                         for status, what in ERRORS.items() if not errors or status in errors}
 
 
 def route_docs(request: type[BaseModel], response: type[BaseModel], chunk: type[BaseModel]) -> dict:
