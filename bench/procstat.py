@@ -1,13 +1,21 @@
-"""CPU time of a running Serve application's processes, read from /proc (Linux): for bench/stream_cpu.py."""
+"""The benches' process helpers: a free loopback port, and the CPU time of a running Serve application's
+processes, read from /proc (Linux)."""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
 TICK_S = os.sysconf("SC_CLK_TCK")
 PROCESSES = {"ingress": ":SupernetIngress", "proxy": "ProxyActor", "worker": ":SupernetWorker"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def listening_pid(port: int) -> int:

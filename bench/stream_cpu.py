@@ -15,20 +15,13 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.procstat import cpu_seconds, find_pids  # noqa: E402
+from bench.procstat import cpu_seconds, find_pids, free_port  # noqa: E402
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def stream_all(url: str, body: dict, streams: int) -> list[tuple[int, int]]:
