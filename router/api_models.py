@@ -2,7 +2,10 @@
 
 Unknown fields are refused (a misspelt ``max_token`` must not be silently
 ignored); the OpenAI fields this server cannot honour are accepted only at
-their neutral values, with a message saying so.
+their neutral values, with a message saying so. vLLM's extensions that load
+tools send (``ignore_eos``, ``min_tokens``, ``stream_options.continuous_usage_stats``)
+are accepted; numbers must be finite (``1e999`` is refused, not read as infinity).
+The response models describe the bodies in ``/openapi.json``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from policies.speculation import MAX_DRAFT_TOKENS
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Sla(_Body):
@@ -34,26 +37,31 @@ class Speculation(_Body):
 
 
 class StreamOptions(_Body):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="A last chunk with the usage (and no choices).")
+    continuous_usage_stats: bool = Field(False, description="Usage in every chunk (a vLLM extension).")
 
 
 class _Generation(_Body):
     model: str = Field(..., min_length=1, description="The base model id or a preset name (see /v1/models).")
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(1.0, ge=0, le=2, description="0: greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens with this mass.")
     top_k: int = Field(0, ge=0, description="0: no limit (an extension).")
-    seed: int | None = None
-    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings.")
-    stream: bool = False
-    stream_options: StreamOptions | None = None
+    seed: int | None = Field(None, description="Sampling seed: the same seed, the same tokens.")
+    stop: str | list[str] | None = Field(None, description="Up to 4 stop strings (not part of the output).")
+    ignore_eos: bool = Field(False, description="Generate past the end-of-sequence token (a vLLM extension).")
+    min_tokens: int = Field(0, ge=0, description="Tokens before EOS may end the output (a vLLM extension): "
+                                                 "0, or any value with ignore_eos and no stop strings.")
+    stream: bool = Field(False, description="Stream server-sent events.")
+    stream_options: StreamOptions | None = Field(None, description="Only with stream: true.")
     n: int = Field(1, ge=1, le=1, description="Only 1 completion per request.")
     presence_penalty: float = Field(0.0, ge=0, le=0, description="Not supported: must be 0.")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="Not supported: must be 0.")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: must be empty.")
-    user: str | None = None
+    user: str | None = Field(None, description="The end user (accepted, not used).")
     # Latency budget and routing (extensions).
-    sla: Sla | None = None
+    sla: Sla | None = Field(None, description="The latency budget (headers x-slo-ttft-ms, x-slo-tpot-ms, "
+                                              "x-deadline-ms give the same; the body wins).")
     min_quality: float | None = Field(None, ge=0, le=1, description="Least predicted quality retention.")
     priority: int = Field(0, description="Negative: the request may be shed when no preset meets its budget.")
     preset: str | None = Field(None, description="Force this preset.")
@@ -91,9 +99,16 @@ class _Generation(_Body):
         return stops
 
     @model_validator(mode="after")
-    def _one_forced_choice(self):
+    def _consistent(self):
         if self.preset is not None and self.placement is not None:
             raise ValueError("give either preset or placement, not both")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream: true")
+        if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.min_tokens and not (self.ignore_eos and not self.stop):
+            # The engine cannot hold EOS and stop strings back yet; ignore_eos without stops meets any minimum.
+            raise ValueError("min_tokens > 0 is supported only with ignore_eos: true and no stop strings")
         return self
 
 
@@ -121,15 +136,36 @@ class CompletionRequest(_Generation):
         return value
 
 
+class TextPart(_Body):
+    """One part of a message's content; only text parts (what the openai package and LangChain send)."""
+
+    type: Literal["text"] = Field(..., description="Only text parts.")
+    text: str = Field(..., description="The part's text.")
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str
-    name: str | None = None
+    role: Literal["system", "user", "assistant", "developer", "tool"] = Field(..., description="Who wrote it.")
+    content: str | list[TextPart] = Field(..., description="Text, or a list of text parts (joined by newlines).")
+    name: str | None = Field(None, description="The author's name (passed to the chat template).")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value):
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind != "text":
+                    raise ValueError(f"part {i} has type {kind!r}: only text parts are supported")
+        return value
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Generation):
-    messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
+    messages: list[ChatMessage] = Field(..., min_length=1, description="The conversation, oldest first.")
+    max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens (OpenAI's newer name).")
     logprobs: bool = Field(False, description="Not supported: must be false.")
 
     @field_validator("logprobs")
@@ -139,11 +175,15 @@ class ChatCompletionRequest(_Generation):
             raise ValueError("not supported by this server")
         return value
 
-    @model_validator(mode="after")
-    def _alias(self):
-        if self.max_tokens is None and self.max_completion_tokens is not None:
-            self.max_tokens = self.max_completion_tokens
-        return self
+    @model_validator(mode="before")
+    @classmethod
+    def _alias(cls, data):
+        if not isinstance(data, dict):
+            return data
+        alias = data.get("max_completion_tokens")
+        if data.get("max_tokens") is None and isinstance(alias, int) and alias >= 1:  # else its own field says why
+            data = {**data, "max_tokens": alias}  # before the checks that read max_tokens
+        return data
 
 
 class Routing(BaseModel):

@@ -20,10 +20,7 @@ def build_app(config: AppConfig) -> Application:
     for preset in config.presets:  # a bad preset fails here, before anything starts
         model.placement(preset.placement)
     worker = config.worker
-    spec = WorkerSpec(checkpoint=checkpoint, device=config.model.device, dtype=config.model.dtype,
-                      num_threads=max(1, int(worker.num_cpus)), cache_budget_bytes=worker.cache_budget_bytes,
-                      gpu_memory_fraction=worker.gpu_memory_fraction, max_prefill_tokens=worker.max_prefill_tokens,
-                      max_running=worker.max_running)
+    spec = worker_spec(config, checkpoint)
     scaling = config.autoscaling
     replicas = ({"autoscaling_config": serve_autoscaling_config(scaling, worker.num_replicas)} if scaling.enabled
                 else {"num_replicas": worker.num_replicas})
@@ -45,6 +42,14 @@ def build_app(config: AppConfig) -> Application:
     observer = WorkerMetrics({model.placement(p.placement).code: p.name for p in config.presets},
                              enabled=config.metrics.enabled, window_s=scaling.window_s)
     return ingress.bind(worker_deployment.bind(spec, observer=observer), config.model_dump(), checkpoint)
+
+
+def worker_spec(config: AppConfig, checkpoint: str) -> WorkerSpec:
+    worker = config.worker
+    return WorkerSpec(checkpoint=checkpoint, device=config.model.device, dtype=config.model.dtype,
+                      num_threads=max(1, int(worker.num_cpus)), cache_budget_bytes=worker.cache_budget_bytes,
+                      gpu_memory_fraction=worker.gpu_memory_fraction, max_prefill_tokens=worker.max_prefill_tokens,
+                      max_running=worker.max_running)
 
 
 def app_builder(args: dict) -> Application:

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="YAML configuration (default: the embedded small checkpoint)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--metrics-port", type=int, default=8080,
+                       help="Ray's metrics export port, Prometheus text at /metrics (default 8080, KubeRay's)")
     serve.set_defaults(run=run_serve)
 
     toolkit_cli.register(commands)  # profile, evaluate, fit, frontier
@@ -161,6 +163,8 @@ def run_serve(args) -> int:
     from router.config import AppConfig
     from router.defaults import default_config
 
+    for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+        require_free_port(flag, args.host, port)
     config = AppConfig.from_yaml(args.config) if args.config else default_config()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
@@ -169,11 +173,13 @@ def run_serve(args) -> int:
     from router.app import build_app
 
     app = build_app(config)  # resolves (and on first run makes) the checkpoint, checks presets
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(include_dashboard=False, log_to_driver=False, _metrics_export_port=args.metrics_port)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name="supernet-router", route_prefix="/")
     url = f"http://{args.host}:{args.port}"
     print(f"supernet-router is serving at {url}  (Ctrl-C stops it)")
+    print(f"metrics (Prometheus text): {url}/metrics (the supernet_* series, as the dashboards name them); "
+          f"every Ray series: http://{args.host}:{args.metrics_port}/metrics (ray_ prefix)")
     print("try a request with a latency budget:")
     print(f"  curl -s {url}/v1/completions -H 'content-type: application/json' -H 'x-slo-ttft-ms: 500' \\\n"
           f"    -d '{{\"model\": \"{config.ingress.model_name or Path(config.model.checkpoint).name}\", "
@@ -184,6 +190,19 @@ def run_serve(args) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def require_free_port(flag: str, host: str, port: int) -> None:
+    import socket
+
+    if not 0 < port < 65536:
+        raise InvalidRequest(f"{flag} must be in 1..65535, got {port}")
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise InvalidRequest(f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror}): "
+                                 f"choose another with {flag}") from None
 
 
 def read_requests(path: Path) -> list[dict]:

@@ -16,14 +16,13 @@ from pathlib import Path
 
 from collections.abc import Callable
 
-from policies.errors import InvalidPlacement
+from policies.errors import (SHED_REASON_HEADER, BudgetUnmeetable, ContextTooLong, InvalidPlacement, InvalidRequest,
+                             Unauthorized, UnknownModel, UnknownPreset)
 from policies.placement import Placement
-from policies.routing import PresetInfo, RoutingRequest, build_policy
+from policies.routing import PresetInfo, RoutingRequest
 from policies.routing.types import Prediction
 from router.api_models import ChatCompletionRequest, CompletionRequest, Routing, Sla
 from router.config import AppConfig
-from router.errors import SHED_REASON_HEADER, ApiError
-from router.metrics import downgrade_reason
 from router.routing import RoutingService
 from workers.model.config import load_config
 from workers.model.tokenizer import Tokenizer
@@ -81,14 +80,10 @@ class Gateway:
         self.api_keys = load_api_keys(config)
         self.replicas = replicas  # Serve's running replicas, with their routing stats
         self.routing: RoutingService | None = None
-        self._idle_policy = None  # the same policy over one idle replica: tells a budget downgrade from a load one
         if config.tables.speed is not None:
             infos = [PresetInfo(n, self.placements[n], p.quality) for n, p in self.presets.items()]
             self.routing = RoutingService(config.routing.policy, config.tables.speed, infos, self.num_layers,
                                           self.default_preset, config.routing.margin, config.tables.acceptance)
-            if config.routing.policy == "sla":
-                self._idle_policy = build_policy("sla", self.routing.predictor, self.default_preset,
-                                                 config.routing.margin)
         self.best_quality = max((p.quality for p in rated), default=None)
 
     # ---- access ----
@@ -98,8 +93,7 @@ class Gateway:
             return
         scheme, _, key = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in self.api_keys):
-            raise ApiError(401, "invalid_api_key", "a valid API key is required: Authorization: Bearer <key>",
-                           headers={"WWW-Authenticate": "Bearer"})
+            raise Unauthorized("a valid API key is required: Authorization: Bearer <key>")
 
     def models(self) -> dict:
         created = 0
@@ -116,23 +110,22 @@ class Gateway:
         started = time.monotonic()
         sla = self._sla(body.sla, headers)
         if isinstance(body, ChatCompletionRequest):
-            prompt_ids = self.tokenizer.encode_chat([m.model_dump(exclude_none=True) for m in body.messages])
+            prompt_ids = self.tokenizer.encode_chat([{"role": m.role, "content": m.text} | ({"name": m.name} if m.name else {})
+                                                   for m in body.messages])
         elif isinstance(body.prompt, list):
             prompt_ids = list(body.prompt)
             if any(t < 0 or t >= self.tokenizer.vocab_size for t in prompt_ids):
-                raise ApiError(400, "invalid_request", f"token ids must be in [0, {self.tokenizer.vocab_size})",
-                               "prompt")
+                raise InvalidRequest(f"token ids must be in [0, {self.tokenizer.vocab_size})", "prompt")
         else:
             prompt_ids = self.tokenizer.encode(body.prompt)
         max_tokens = body.max_tokens or self.config.ingress.max_tokens_default
         if len(prompt_ids) + max_tokens > self.max_context:
-            raise ApiError(413, "context_too_long",
-                           f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-                           f"context of {self.max_context} tokens: shorten the prompt or lower max_tokens",
-                           "max_tokens" if max_tokens > self.max_context // 2 else "prompt")
+            raise ContextTooLong(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+                                 f"context of {self.max_context} tokens: shorten the prompt or lower max_tokens",
+                                 "max_tokens" if max_tokens > self.max_context // 2 else "prompt")
         placement, routing, replica, downgrade, *raw = self.choose(body, sla, len(prompt_ids), max_tokens)
         params = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                  "top_k": body.top_k, "seed": body.seed, "stop": list(body.stop or [])}
+                  "top_k": body.top_k, "seed": body.seed, "stop": list(body.stop or []), "ignore_eos": body.ignore_eos}
         prepared = Prepared(uuid.uuid4().hex, prompt_ids, placement, routing, params, body.model, started, replica,
                             sla, downgrade, raw[0] if raw else None)
         if routing.draft_placement is not None:
@@ -167,8 +160,8 @@ class Gateway:
             except ValueError:
                 value = -1.0
             if not value > 0:
-                raise ApiError(400, "invalid_request", f"header {header} must be a positive number of "
-                                                       f"milliseconds, got {raw!r}", header)
+                raise InvalidRequest(f"header {header} must be a positive number of milliseconds, got {raw!r}",
+                                     header)
             values[field] = value
         return Sla(**values) if any(v is not None for v in values.values()) else None
 
@@ -176,18 +169,18 @@ class Gateway:
         """(placement, routing, replica id, downgrade reason[, raw prediction]): the routing policy's decision,
         or forced / default without tables."""
         if body.model != self.model_id and body.model not in self.presets:
-            raise ApiError(404, "model_not_found", f"unknown model {body.model!r}: use {self.model_id!r} or a "
-                                                   f"preset ({', '.join(self.presets) or 'none'})", "model")
+            raise UnknownModel(f"unknown model {body.model!r}: use {self.model_id!r} or a "
+                               f"preset ({', '.join(self.presets) or 'none'})", "model")
         forced_placement = None
         if body.placement is not None:
             try:
                 forced_placement = Placement.parse(body.placement, self.num_layers)
             except InvalidPlacement as exc:
-                raise ApiError(400, "invalid_placement", exc.message, "placement") from None
+                raise InvalidPlacement(exc.message, "placement") from None
         name = body.preset or (body.model if body.model in self.presets else None)
         if name is not None and name not in self.presets:
-            raise ApiError(404, "unknown_preset", f"unknown preset {name!r}: use one of "
-                                                  f"{', '.join(self.presets) or 'none configured'}", "preset")
+            raise UnknownPreset(f"unknown preset {name!r}: use one of "
+                                f"{', '.join(self.presets) or 'none configured'}", "preset")
         draft = self._given_draft(body.speculation)
         if self.routing is not None:
             return self._decide(body, sla, prompt_tokens, max_tokens, name, forced_placement, draft)
@@ -199,7 +192,7 @@ class Gateway:
             return (self.placements[name], self._routing(name, self.placements[name], "preset forced by the request",
                                                          draft), None, None)
         if self.default_preset is None:
-            raise ApiError(400, "invalid_request", "no presets are configured: give a placement", "placement")
+            raise InvalidRequest("no presets are configured: give a placement", "placement")
         return (self.placements[self.default_preset],
                 self._routing(self.default_preset, self.placements[self.default_preset],
                               "default preset (no speed table configured)", draft), None, None)
@@ -213,9 +206,8 @@ class Gateway:
         try:
             return Placement.parse(speculation.draft, self.num_layers), speculation.tokens
         except InvalidPlacement as exc:
-            raise ApiError(400, "invalid_placement", f"speculation.draft is neither a preset "
-                                                     f"({', '.join(self.presets)}) nor a placement: {exc.message}",
-                           "speculation.draft") from None
+            raise InvalidPlacement(f"speculation.draft is neither a preset ({', '.join(self.presets)}) nor a "
+                                   f"placement: {exc.message}", "speculation.draft") from None
 
     def _decide(self, body, sla: Sla | None, prompt_tokens: int, max_tokens: int, name: str | None,
                 placement: Placement | None, draft: tuple[Placement, int] | None):
@@ -225,12 +217,13 @@ class Gateway:
                                  preset=name if placement is None else None, placement=placement,
                                  speculation=speculation, draft=draft[0] if draft else None,
                                  draft_tokens=draft[1] if draft else 0, sampled=body.temperature > 0)
-        decision = self.routing.decide(request, self.replicas())
+        replicas = self.replicas()
+        decision = self.routing.decide(request, replicas)
         if decision.shed:
             retry = self.config.routing.retry_after_s
-            raise ApiError(429, "shed", "no preset can meet this request's latency budget at the current load; "
-                                        f"retry in {retry} s, relax the budget or raise its priority", None,
-                           {"Retry-After": str(retry), SHED_REASON_HEADER: decision.reason})
+            raise BudgetUnmeetable("no preset can meet this request's latency budget at the current load; "
+                                   f"retry in {retry} s, relax the budget or raise its priority",
+                                   headers={"Retry-After": str(retry), SHED_REASON_HEADER: decision.reason})
         prediction = decision.prediction
         routing = Routing(preset=decision.preset, placement=decision.placement.code,
                           predicted_ttft_ms=prediction.ttft_ms if prediction else None,
@@ -243,8 +236,8 @@ class Gateway:
             if decision.plain_tpot_ms is not None and prediction is not None and prediction.tpot_ms > 0:
                 routing.predicted_plain_tpot_ms = decision.plain_tpot_ms
                 routing.predicted_speculation_gain = decision.plain_tpot_ms / prediction.tpot_ms
-        downgrade = (downgrade_reason(decision, request, self.best_quality, self._idle_policy)
-                     if self._idle_policy is not None else None)
+        downgrade = (self.routing.downgrade(decision, request, self.best_quality, replicas)
+                     if self.config.routing.policy == "sla" else None)
         return decision.placement, routing, decision.replica_id, downgrade, decision.raw_prediction
 
     def _routing(self, name: str | None, placement: Placement, reason: str,

@@ -2,8 +2,10 @@
 
 Thin by design: it frames HTTP, and ``Gateway`` decides. Every accepted
 request ends with a response or an explicit error: errors before the first
-token are HTTP statuses with a JSON body; an error mid-stream is a final SSE
-``error`` event.
+token are HTTP statuses with a JSON body (every exception is mapped once, by
+``router.errors``); an error mid-stream is a final SSE ``error`` event. The
+worker sends tokens in batches; each batch is one SSE event, written from a
+template encoded once per request (``router.sse``).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type on Serve-wrapped methods.
@@ -13,43 +15,60 @@ import json
 import logging
 import time
 
+import httpx
+
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
+from policies.errors import (SHED_REASON_HEADER, BodyTooLarge, InvalidJson, InvalidRequest, MetricsUnavailable,
+                             SupernetError, UnsupportedMediaType, WorkerUnavailable)
 from router.api_models import ChatCompletionRequest, CompletionRequest, Usage
 from router.config import AppConfig
-from router.errors import SHED_REASON_HEADER, ApiError, from_exception
+from router.errors import as_supernet_error, error_body, error_response
 from router.gateway import Gateway, Prepared, first_and_rest
+from router.openapi import (ChatCompletionChunk, ChatCompletionResponse, CompletionChunk, CompletionResponse, Health,
+                            ModelList, install, responses, route_docs)
+from router.sse import SseWriter
 from router.metrics import Recorder, RequestMetrics, replica_identity
+from router.metrics_text import PROMETHEUS_TEXT, application_metrics, metrics_url
 from router.replica_router import replicas_of
 
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="supernet-router", description="OpenAI-compatible API with per-request latency budgets.")
+install(api)
 
 
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return exc.response()
+@api.exception_handler(SupernetError)
+async def _supernet_error(request: Request, exc: SupernetError) -> JSONResponse:
+    return error_response(exc)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 async def read_json(request: Request, limit: int) -> dict:
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+    if kind != "application/json" and not kind.endswith("+json"):
+        raise UnsupportedMediaType(f"the body must be JSON: send content-type: application/json, not {kind!r}",
+                                   "content-type")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, "body_too_large", f"the request body ({declared} bytes) exceeds the limit of {limit} bytes")
+        raise BodyTooLarge(f"the request body ({declared} bytes) exceeds the limit of {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise ApiError(413, "body_too_large", f"the request body exceeds the limit of {limit} bytes")
+            raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes")
     try:
-        data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"the body is not valid JSON: {exc}") from None
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidJson(f"the body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ApiError(400, "invalid_request", "the body must be a JSON object")
+        raise InvalidRequest("the body must be a JSON object")
     return data
 
 
@@ -57,28 +76,27 @@ def parse(model, data: dict):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or None
+        errors = exc.errors()
+        first = max(errors, key=lambda e: len(e["loc"]))  # the deepest: in a union, the branch that got furthest
+        # Union branches show up in the location as type names (``list[TextPart]``, ``str``): not fields.
+        field = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or p.isidentifier()
+                         and p not in ("str", "int", "list")) or None
         message = first["msg"].removeprefix("Value error, ")
-        raise ApiError(400, "invalid_request", f"{field}: {message}" if field else message, field) from None
+        raise InvalidRequest(f"{field}: {message}" if field else message, field) from None
 
 
 async def collect(first, rest) -> tuple[str, int, str | None]:
-    parts, tokens, finish, event = [], 0, None, first
-    while event is not None:
-        parts.append(event["text"])
-        tokens += event["token_id"] is not None
-        finish = event["finish_reason"]
-        event = await anext(rest, None)
+    parts, tokens, finish, batch = [], 0, None, first
+    while batch is not None:
+        parts.append(batch["text"])
+        tokens += batch["tokens"]
+        finish = batch["finish_reason"]
+        batch = await anext(rest, None)
     return "".join(parts), tokens, finish
 
 
 def _id(prepared: Prepared, chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{prepared.request_id}"
-
-
-def _data(payload: dict) -> str:
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 @serve.deployment(name="SupernetIngress", ray_actor_options={"num_cpus": 0})
@@ -91,25 +109,38 @@ class Ingress:
         self._stream_handle = worker.options(stream=True)  # cached: options() is not free
         self.metrics = RequestMetrics(Recorder(replica_identity()[0], self.config.metrics.enabled))
         self._replica_metrics_task = None
+        self._metrics_url = metrics_url()  # this node's, fixed for the replica's life (a GCS call: not per scrape)
 
-    @api.get("/health")
+    @api.get("/health", responses=responses(Health, 503))
     async def health(self):
         try:
             await self.worker.stats.remote()
         except Exception as exc:  # noqa: BLE001: any failure means not ready
-            return ApiError(503, "worker_unavailable", f"no worker answered: {from_exception(exc).message}").response()
+            return error_response(WorkerUnavailable(f"no worker answered: {as_supernet_error(exc).message}"))
         return {"status": "ok"}
 
-    @api.get("/v1/models")
+    @api.get("/metrics", response_class=PlainTextResponse, responses=responses(None, 503))
+    async def metrics_page(self):
+        """This node's supernet_* metrics, Prometheus text format (the names the dashboards query)."""
+        url = self._metrics_url
+        if url is None:
+            raise MetricsUnavailable("this Ray node exports no metrics (start Ray with a metrics export port)")
+        try:
+            text = await application_metrics(url)
+        except httpx.HTTPError as exc:
+            raise MetricsUnavailable(f"Ray's metrics agent at {url} did not answer: {exc}") from None
+        return PlainTextResponse(text, media_type=PROMETHEUS_TEXT)
+
+    @api.get("/v1/models", responses=responses(ModelList, 401))
     async def models(self, request: Request):
         self.gateway.authorize(request.headers.get("authorization"))
         return self.gateway.models()
 
-    @api.post("/v1/completions")
+    @api.post("/v1/completions", **route_docs(CompletionRequest, CompletionResponse, CompletionChunk))
     async def completions(self, request: Request):
         return await self._generate(request, CompletionRequest, chat=False)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", **route_docs(ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk))
     async def chat_completions(self, request: Request):
         return await self._generate(request, ChatCompletionRequest, chat=True)
 
@@ -127,19 +158,20 @@ class Ingress:
         except Exception as exc:  # noqa: BLE001: every error maps to a status at this boundary
             if prepared is not None:
                 self.gateway.done(prepared)
-            error = from_exception(exc)
-            self.metrics.refused(prepared, error.status, error.headers.get(SHED_REASON_HEADER))
-            return error.response()
+            error = as_supernet_error(exc)
+            self.metrics.refused(prepared, error.http_status, error.headers.get(SHED_REASON_HEADER))
+            return error_response(error)
         headers = {**prepared.routing.headers(), "x-supernet-request-id": prepared.request_id}
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self._sse(prepared, first, rest, chat, include_usage, first_at),
+            writer = SseWriter(_id(prepared, chat), prepared.model, chat, len(prepared.prompt_ids),
+                               body.stream_options)
+            return StreamingResponse(self._sse(prepared, first, rest, writer, first_at),
                                      media_type="text/event-stream", headers=headers)
         try:
             text, tokens, finish = await collect(first, rest)
         except Exception as exc:  # noqa: BLE001
             self.metrics.finished(prepared, "error", first_at, 0)
-            return from_exception(exc).response()
+            return error_response(exc)
         finally:
             self.gateway.done(prepared)
         self.metrics.finished(prepared, "ok", first_at, tokens)
@@ -154,43 +186,30 @@ class Ingress:
                     "usage": usage.model_dump(), "routing": prepared.routing.model_dump()}
         return JSONResponse(response, headers=headers)
 
-    async def _sse(self, prepared: Prepared, first, rest, chat: bool, include_usage: bool, first_at: float):
-        base = {"id": _id(prepared, chat), "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": prepared.model}
+    async def _sse(self, prepared: Prepared, first, rest, writer: SseWriter, first_at: float):
         tokens, finish, outcome = 0, None, "cancelled"  # cancelled: the client left mid-stream
-        if chat:
-            yield _data({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                              "finish_reason": None}], "routing": prepared.routing.model_dump()})
+        opening = writer.start(prepared.routing.model_dump())
+        if opening:
+            yield opening
         try:
-            event = first
-            while event is not None:
-                tokens += event["token_id"] is not None
-                finish = event["finish_reason"]
-                if event["text"] or finish:
-                    choice = ({"index": 0, "delta": {"content": event["text"]} if event["text"] else {},
-                               "finish_reason": finish} if chat
-                              else {"index": 0, "text": event["text"], "logprobs": None, "finish_reason": finish})
-                    chunk = {**base, "choices": [choice]}
-                    if not chat and tokens == 1:
-                        chunk["routing"] = prepared.routing.model_dump()
-                    yield _data(chunk)
-                event = await anext(rest, None)
+            batch = first
+            while batch is not None:
+                tokens += batch["tokens"]
+                finish = batch["finish_reason"]
+                if batch["text"] or finish:
+                    yield writer.tokens(batch["text"], finish, tokens)
+                batch = await anext(rest, None)
             outcome = "ok"
         except Exception as exc:  # noqa: BLE001: mid-stream errors end the stream explicitly
             outcome = "error"
-            error = from_exception(exc)
-            yield _data({"error": {"message": error.message, "type": "server_error", "code": error.code}})
+            yield writer.event(error_body(as_supernet_error(exc)))
         finally:
             self.gateway.done(prepared)
             self.metrics.finished(prepared, outcome, first_at, tokens)
             if outcome == "ok":
                 self.gateway.served(prepared, first_at, tokens)
-        if include_usage:
-            n = len(prepared.prompt_ids)
-            yield _data({**base, "choices": [], "usage": {"prompt_tokens": n, "completion_tokens": tokens,
-                                                          "total_tokens": n + tokens}})
+        yield writer.end(tokens)
         self.gateway.log_done(prepared, tokens, finish)
-        yield "data: [DONE]\n\n"
 
     def _start_replica_metrics(self) -> None:
         """The per-replica routing view (calibration, predicted/measured step) as gauges, every stats period."""

@@ -201,16 +201,6 @@ class RequestMetrics:
             self.recorder.set("supernet_measured_step_seconds", measured_ms / 1000, replica=replica_id)
 
 
-def downgrade_reason(decision, request, best_quality: float | None, idle_policy) -> str | None:
-    """Why a routed request got a faster preset than the best: ``budget`` (the best misses it even on an
-    idle replica), ``load`` (it would not on an idle one), or None (not a downgrade)."""
-    if (decision.shed or decision.prediction is None or best_quality is None or request.preset is not None
-            or request.placement is not None or decision.prediction.quality >= best_quality):
-        return None
-    idle = idle_policy.decide(request, [])
-    return "budget" if idle.sla_at_risk or idle.prediction.quality < best_quality else "load"
-
-
 class WorkerMetrics:
     """A worker replica's observer (``WorkerServer(..., observer=)``): engine load as metrics, and the
     in-process autoscaling stats that Serve pulls with ``record_autoscaling_stats``.

@@ -4,7 +4,10 @@ Calibration: each replica's recent decode-only steps (measured) against the
 speed table's prediction for its running batch give a factor that scales later
 predictions for that replica (an exponential moving average, exported as a
 metric). In-flight requests dispatched since the last stats snapshot count as
-extra rows, so decisions between snapshots do not pile onto one replica.
+extra rows, so decisions between snapshots do not pile onto one replica; a dispatch never seen to finish
+(a stream abandoned before it started) ages out after ``STALE_AFTER_S``.
+
+Downgrade labels ask the same, calibrated policy what the request would get on idle replicas.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from policies.errors import InvalidRequest
 from policies.placement import Placement
@@ -30,7 +34,8 @@ CALIBRATION_LIMITS = (0.2, 20.0)
 
 class RoutingService:
     def __init__(self, policy_name: str, speed_path: str, presets: list[PresetInfo], num_layers: int,
-                 default_preset: str | None, margin: float, acceptance_path: str | None = None):
+                 default_preset: str | None, margin: float, acceptance_path: str | None = None,
+                 clock: Callable[[], float] = time.time):
         speed = read_speed_model(speed_path)
         if speed.num_layers != num_layers:
             raise InvalidRequest(f"{speed_path}: the speed table has {speed.num_layers} layers, the model {num_layers}")
@@ -42,10 +47,12 @@ class RoutingService:
             self.acceptance = AcceptanceRates.from_table(table)
         self.policy = build_policy(policy_name, self.predictor, default_preset, margin, self.acceptance)
         self.num_layers = num_layers
+        self.clock = clock  # wall time: snapshots carry the worker's time.time()
         self.calibration: dict[str, float] = {}
         self._in_flight: dict[str, dict[str, float]] = {}  # replica -> request id -> when it was dispatched
         self._finished: dict[str, dict[str, float]] = {}  # replica -> request id -> when it finished here
         self._snapshots: dict[str, tuple[float, WorkerState]] = {}  # replica -> (stats time, state)
+        self._idle: dict[str, WorkerState] = {}  # replica -> the same replica idle, with its calibration
         self._lock = threading.Lock()
 
     def decide(self, request: RoutingRequest, replicas: list) -> Decision:
@@ -59,7 +66,7 @@ class RoutingService:
             stats = replica.routing_stats or {}
             taken = float(stats.get("taken_at", 0.0))
             with self._lock:  # dispatched after the snapshot was taken, so not in it yet
-                in_flight = sum(1 for at in self._in_flight.get(replica_id, {}).values() if at > taken)
+                in_flight = self._count_in_flight(replica_id, taken)
                 gone = self._gone(replica_id, taken)
             cached = self._snapshots.get(replica_id)
             if cached is None or cached[0] != taken:  # a new measurement: calibrate on the rows it measured
@@ -70,19 +77,52 @@ class RoutingService:
             states.append(cached[1])
         return states
 
+    def _count_in_flight(self, replica_id: str, taken: float) -> int:
+        dispatched = self._in_flight.get(replica_id)
+        if not dispatched:
+            return 0
+        oldest = self.clock() - STALE_AFTER_S  # never seen to finish: abandoned before its stream started
+        for request_id in [r for r, at in dispatched.items() if at < oldest]:
+            del dispatched[request_id]
+        return sum(1 for at in dispatched.values() if at > taken)
+
+    def downgrade(self, decision: Decision, request: RoutingRequest, best_quality: float | None,
+                  replicas: list) -> str | None:
+        """Why a routed request got a faster preset than the best: ``budget`` (the best misses it even on idle
+        replicas, under the calibration the decision used), ``load`` (it would not), or None (no downgrade)."""
+        if (decision.shed or decision.prediction is None or best_quality is None or request.preset is not None
+                or request.placement is not None or decision.prediction.quality >= best_quality):
+            return None
+        idle = self.policy.decide(request, self.idle_states(replicas))
+        return "budget" if idle.sla_at_risk or idle.prediction.quality < best_quality else "load"
+
+    def idle_states(self, replicas: list) -> list[WorkerState]:
+        """Each replica with nothing running or queued, keeping its cache budget and its calibration (the same
+        objects while those hold, so the policy's per-state caches stay warm)."""
+        states = []
+        for state in self.states(replicas):
+            idle = self._idle.get(state.replica_id)
+            if (idle is None or idle.calibration != state.calibration
+                    or idle.cache_budget_bytes != state.cache_budget_bytes):
+                idle = WorkerState(f"idle:{state.replica_id}", cache_budget_bytes=state.cache_budget_bytes,
+                                   calibration=state.calibration)
+                self._idle[state.replica_id] = idle
+            states.append(idle)
+        return states
+
     def _gone(self, replica_id: str, taken: float) -> frozenset[str]:
         """Requests seen to finish here after the snapshot of ``taken`` (they are in it, but no longer run).
         Those that finished before it are forgotten: a snapshot taken later no longer lists them."""
         finished = self._finished.get(replica_id)
         if not finished:
             return frozenset()
-        oldest = max(taken, time.time() - STALE_AFTER_S)  # (and no memory of requests past any snapshot's age)
+        oldest = max(taken, self.clock() - STALE_AFTER_S)  # (and no memory of requests past any snapshot's age)
         for request_id in [r for r, at in finished.items() if at < oldest]:
             del finished[request_id]
         return frozenset(finished)
 
     def _state(self, replica_id: str, stats: dict, in_flight: int, gone: frozenset[str] = frozenset()) -> WorkerState:
-        age = time.time() - float(stats.get("taken_at", 0.0))
+        age = self.clock() - float(stats.get("taken_at", 0.0))
         if not stats or age > STALE_AFTER_S:
             return WorkerState(replica_id, cache_budget_bytes=int(stats.get("cache_budget_bytes", 2**62)),
                                in_flight=in_flight, age_s=age, calibration=self.calibration.get(replica_id, 1.0))
@@ -101,7 +141,7 @@ class RoutingService:
 
     def _calibrate(self, replica_id: str, stats: dict) -> None:
         measured_ms = stats.get("decode_step_ms")
-        if not measured_ms or time.time() - float(stats.get("taken_at", 0.0)) > STALE_AFTER_S:
+        if not measured_ms or self.clock() - float(stats.get("taken_at", 0.0)) > STALE_AFTER_S:
             return
         running = [row for row, _ in self._rows(stats)]
         if not running:
@@ -116,10 +156,10 @@ class RoutingService:
     def dispatched(self, replica_id: str | None, request_id: str) -> None:
         if replica_id:
             with self._lock:
-                self._in_flight.setdefault(replica_id, {})[request_id] = time.time()
+                self._in_flight.setdefault(replica_id, {})[request_id] = self.clock()
 
     def finished(self, replica_id: str | None, request_id: str) -> None:
         if replica_id:
             with self._lock:
                 self._in_flight.get(replica_id, {}).pop(request_id, None)
-                self._finished.setdefault(replica_id, {})[request_id] = time.time()
+                self._finished.setdefault(replica_id, {})[request_id] = self.clock()

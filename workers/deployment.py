@@ -1,16 +1,20 @@
 """The Ray Serve worker: one replica holds one model and its engine, and streams tokens for any placement.
 
 A thin shim (Ray Serve LLM's ``LLMServer`` pattern): the engine is built by an
-injected factory, requests and events cross the actor boundary as plain dicts,
-and errors as the project's own (picklable) exceptions.
+injected factory, requests and token batches cross the actor boundary as plain
+dicts, and errors as the project's own (picklable) exceptions. Every message to
+the caller costs far more CPU than a token, so a message carries every token
+that is already waiting when it is sent (never waiting for more).
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -100,6 +104,50 @@ def routing_stats(stats) -> dict:
     }
 
 
+async def batches(events: AsyncIterable) -> AsyncIterator[list]:
+    """The events, each time as the next one plus every one already waiting behind it; never waits for more.
+
+    A pump task drains the stream into a buffer as events arrive, so whatever piled up while the consumer
+    was busy (sending the last batch) goes out together. Closing this generator cancels the pump, which
+    closes the stream (the engine aborts the request)."""
+    buffer: deque = deque()
+    arrived = asyncio.Event()
+    ended: list[BaseException | None] = []
+
+    async def pump() -> None:
+        try:
+            async for event in events:
+                buffer.append(event)
+                arrived.set()
+        except BaseException as exc:  # noqa: BLE001: handed to the consumer, in order after the events
+            ended.append(exc)
+        else:
+            ended.append(None)
+        arrived.set()
+
+    task = asyncio.get_running_loop().create_task(pump())
+    try:
+        while True:
+            await arrived.wait()
+            arrived.clear()
+            if buffer:
+                batch = list(buffer)
+                buffer.clear()
+                yield batch
+            if ended and not buffer:
+                if ended[0] is not None and not isinstance(ended[0], asyncio.CancelledError):
+                    raise ended[0]
+                return
+    finally:
+        task.cancel()
+
+
+def merged(batch: list) -> dict:
+    """One message for a batch of token events: their text, how many tokens, how the stream ended."""
+    return {"text": "".join(e.text for e in batch), "tokens": sum(e.token_id is not None for e in batch),
+            "finish_reason": batch[-1].finish_reason}
+
+
 class WorkerObserver(Protocol):
     """What a replica reports besides routing stats (``router.metrics.WorkerMetrics``: metrics, autoscaling)."""
 
@@ -121,15 +169,16 @@ class WorkerServer:
         self.observer = observer
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """Token events as dicts: {token_id, text, finish_reason}. A failure raises EngineFailure."""
+        """Token batches as dicts: {text, tokens, finish_reason} (``merged``). A failure raises EngineFailure."""
         self._ensure_started()
         arrived, first_at, tokens = time.monotonic(), None, 0
         stream = self.engine.submit(request_from_dict(request, self.num_layers))
-        async for event in stream:
+        async for batch in batches(stream):
             if first_at is None:
                 first_at = time.monotonic()
-            tokens += event.token_id is not None
-            yield {"token_id": event.token_id, "text": event.text, "finish_reason": event.finish_reason}
+            message = merged(batch)
+            tokens += message["tokens"]
+            yield message
         if self.observer is not None:
             self.observer.request_done(request, first_at - arrived if first_at is not None else None,
                                        time.monotonic() - arrived, tokens)

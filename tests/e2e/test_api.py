@@ -52,6 +52,28 @@ def test_chat_streaming_and_not(client):
     assert text == plain.choices[0].message.content
 
 
+def test_openai_chat_with_text_parts_max_completion_tokens_and_stop_null_streams(client):
+    plain = client.chat.completions.create(model="quality", messages=[{"role": "user", "content": "Sort a list."}],
+                                           max_tokens=6, temperature=0)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Sort a list."}]}]
+    stream = client.chat.completions.create(model="quality", messages=parts, max_completion_tokens=6, stop=None,
+                                            temperature=0, n=1, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_vllm_extensions_that_load_tools_send(client):
+    chunks = list(client.completions.create(
+        model="fast", prompt="import os\n", max_tokens=12, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True, "min_tokens": 12}))
+    with_text = [c for c in chunks if c.choices]
+    assert with_text and all(c.usage is not None for c in with_text)  # usage in every chunk
+    counts = [c.usage.completion_tokens for c in with_text]
+    assert counts == sorted(counts) and counts[-1] == 12 and chunks[-1].usage.completion_tokens == 12
+
+
 def test_placement_forced_and_budget_headers(serve_url):
     response = httpx.post(f"{serve_url}/v1/completions", timeout=60,
                           headers={"x-slo-ttft-ms": "300", "x-deadline-ms": "5000"},
@@ -100,6 +122,14 @@ BAD = [
     ('{"model": "quality", "prompt": "x", "n": 3}', 400, "n:"),
     ('{"model": "quality", "prompt": "x"', 400, "not valid JSON"),
     ('[1, 2]', 400, "must be a JSON object"),
+    ('{"model": "quality", "prompt": "x", "sla": {"deadline_ms": 1e999}}', 400, "sla.deadline_ms: Input should be a finite"),
+    ('{"model": "quality", "prompt": "x", "temperature": NaN}', 400, "NaN is not a JSON number"),
+    ('{"model": "quality", "prompt": "x", "min_tokens": 3}', 400, "min_tokens > 0 is supported only with ignore_eos"),
+    ('{"model": "quality", "prompt": "x", "min_tokens": 9, "max_tokens": 3, "ignore_eos": true}', 400,
+     "must not exceed max_tokens"),
+    ('{"model": "quality", "prompt": "x", "stream_options": {"include_usage": true}}', 400, "needs stream: true"),
+    ('{"model": "quality", "prompt": "x", "stream": true, "stream_options": {"usage": true}}', 400,
+     "stream_options.usage: Extra inputs"),
     ('{"model": "quality", "prompt": "' + "x" * 70000 + '"}', 413, "exceeds the limit"),
 ]
 
@@ -119,11 +149,51 @@ def test_bad_completion_input(serve_url, body, status, message):
         ({"model": "quality", "messages": []}, 400, "messages"),
         ({"model": "quality", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
         ({"model": "quality", "messages": [{"role": "user"}]}, 400, "messages.0.content"),
+        ({"model": "quality", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400,
+         "messages.0.content: part 0 has type 'image_url': only text parts are supported"),
+        ({"model": "quality", "messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
+         "messages.0.content.0.text: Field required"),
+        ({"model": "quality", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n: "),
+        ({"model": "quality", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
+         "max_completion_tokens: "),
     ],
 )
 def test_bad_chat_input(serve_url, body, status, message):
     response = httpx.post(f"{serve_url}/v1/chat/completions", json=body, timeout=60)
-    assert response.status_code == status and message in response.json()["error"]["message"]
+    assert response.status_code == status and message in response.json()["error"]["message"], response.text
+    assert response.json()["error"]["param"] == message.split(":")[0].strip()
+
+
+def test_a_body_that_is_not_json_by_its_content_type_gets_415(serve_url):
+    body = '{"model": "quality", "prompt": "x", "max_tokens": 2}'
+    refused = httpx.post(f"{serve_url}/v1/completions", content=body, headers={"content-type": "text/plain"},
+                         timeout=60)
+    assert refused.status_code == 415 and "application/json" in refused.json()["error"]["message"]
+    assert refused.json()["error"]["param"] == "content-type"
+    charset = {"content-type": "application/json; charset=utf-8"}
+    assert httpx.post(f"{serve_url}/v1/completions", content=body, headers=charset, timeout=60).status_code == 200
+
+
+def test_openapi_describes_every_route_with_its_bodies(serve_url):
+    schema = httpx.get(f"{serve_url}/openapi.json", timeout=60).json()
+    components = schema["components"]["schemas"]
+    for path, request, response in (("/v1/completions", "CompletionRequest", "CompletionResponse"),
+                                    ("/v1/chat/completions", "ChatCompletionRequest", "ChatCompletionResponse")):
+        post = schema["paths"][path]["post"]
+        ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        assert ref == f"#/components/schemas/{request}"
+        fields = components[request]["properties"]
+        assert {"sla", "preset", "placement", "min_quality", "priority", "stream_options"} <= set(fields)
+        ok = post["responses"]["200"]["content"]
+        assert ok["application/json"]["schema"]["$ref"].endswith(response) and "text/event-stream" in ok
+        assert post["responses"]["429"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
+        assert "routing" in components[response]["properties"]
+    assert set(components["Routing"]["properties"]) >= {"preset", "placement", "reason", "sla_at_risk"}
+    assert {"ttft_ms", "tpot_ms", "deadline_ms"} == set(components["Sla"]["properties"])
+    assert schema["paths"]["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    docs = httpx.get(f"{serve_url}/docs", timeout=60)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
 
 def test_bad_budget_header(serve_url):

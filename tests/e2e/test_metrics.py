@@ -282,21 +282,19 @@ def test_worker_metrics_pickle_as_plain_values_and_window_their_stats():
     assert all(isinstance(v, float) for v in stats.values())  # Serve accepts only numbers
 
 
-def test_a_downgrade_is_told_apart_by_what_an_idle_replica_could_do():
-    from types import SimpleNamespace
+def test_the_service_serves_its_supernet_metrics_at_slash_metrics(serve_url):
+    from prometheus_client.parser import text_string_to_metric_families
 
-    from router.metrics import downgrade_reason
+    assert httpx.post(f"{serve_url}/v1/completions", json={"model": "quality", "prompt": "x", "max_tokens": 2},
+                      timeout=60).status_code == 200
 
-    request = SimpleNamespace(preset=None, placement=None)
+    def page():
+        response = httpx.get(f"{serve_url}/metrics", timeout=30)
+        return response if "supernet_requests_total{" in response.text else None
 
-    def decision(quality, risk=False, shed=False):
-        return SimpleNamespace(shed=shed, sla_at_risk=risk, prediction=SimpleNamespace(quality=quality))
-
-    idle_best = SimpleNamespace(decide=lambda request, states: decision(1.0))
-    idle_worse = SimpleNamespace(decide=lambda request, states: decision(0.8))
-    assert downgrade_reason(decision(1.0), request, 1.0, idle_best) is None
-    assert downgrade_reason(decision(0.8), request, 1.0, idle_best) == "load"
-    assert downgrade_reason(decision(0.8), request, 1.0, idle_worse) == "budget"
-    assert downgrade_reason(decision(0.8, shed=True), request, 1.0, idle_best) is None
-    forced = SimpleNamespace(preset="quick", placement=None)
-    assert downgrade_reason(decision(0.8), forced, 1.0, idle_best) is None
+    response = wait_until(page, 30)
+    assert response, "no supernet_requests_total on /metrics within 30 s"
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f.type for f in text_string_to_metric_families(response.text)}
+    assert families["supernet_requests"] == "counter" and set(families) <= {
+        n.removesuffix("_total") for n in documented_metrics()}  # only the documented names, no ray_ prefix

@@ -150,3 +150,15 @@ def test_acceptance_writes_a_valid_table_and_refuses_bad_options(capsys, tiny_ch
     assert main(["acceptance", "--checkpoint", str(tiny_checkpoint), "--data", str(data), "--targets", "AAAAAA",
                  "--drafts", "GGGGGG", "--tokens", "9", "--out", str(out)]) == 2
     assert "draft tokens must be an integer from 1 to 8" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_metrics_port_in_use_with_one_line_and_exit_2():
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--metrics-port", port, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and f"--metrics-port {port}" in result.stderr

@@ -31,6 +31,7 @@ class Tokenizer:
         self.config = config
         self.bos_token_id = self._special_id("bos_token")
         self.eos_token_id = self._special_id("eos_token")
+        self._chat_template = None  # compiled on first use (compiling costs ~100x a render)
 
     @classmethod
     def load(cls, directory: str | Path) -> "Tokenizer":
@@ -67,11 +68,13 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         """The prompt text for a conversation, ending where the assistant's reply starts (as HF renders it)."""
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self._chat_template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        source = self.config.get("chat_template") or DEFAULT_CHAT_TEMPLATE
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        template = environment.from_string(source)
+            source = self.config.get("chat_template") or DEFAULT_CHAT_TEMPLATE
+            environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            self._chat_template = environment.from_string(source)
+        template = self._chat_template
         special = {k: self._token_text(k) for k in ("bos_token", "eos_token")}
         return template.render(messages=messages, add_generation_prompt=True, **special)
 

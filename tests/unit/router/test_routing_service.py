@@ -53,3 +53,56 @@ def test_a_snapshot_calibrates_once_however_often_it_is_read(service):
     service.dispatched("r0", "b")  # the state is rebuilt (one more in flight), the measurement is the same
     service.states([replica(stats)])
     assert service.calibration["r0"] == first > 1
+
+
+def test_a_dispatch_never_seen_to_finish_ages_out(tiny_checkpoint, tmp_path):
+    from policies.placement import Placement
+    from policies.routing.types import PresetInfo
+    from router.routing import STALE_AFTER_S
+
+    speed, presets = routed_presets(tiny_checkpoint, tmp_path)
+    infos = [PresetInfo(p["name"], Placement.parse(p["placement"]), p["quality"]) for p in presets]
+    now = [1000.0]
+    service = RoutingService("sla", str(speed), infos, 6, None, 0.9, clock=lambda: now[0])
+    silent = replica(None)  # no stats yet: only the router's own in-flight count tells its load
+    service.dispatched("r0", "abandoned")  # its stream never started, so finished() never comes
+    assert service.states([silent])[0].in_flight == 1
+    now[0] += STALE_AFTER_S + 1
+    assert service.states([silent])[0].in_flight == 0 and not service._in_flight["r0"]
+
+
+def _drift_policy(service, raw, factor):
+    for _ in range(200):  # the policy's served-request calibration converges on the drift
+        service.policy.observe(raw, raw.ttft_ms, factor * raw.tpot_ms)
+
+
+def _drift_replica(service, stats, factor):
+    step_ms = service.predictor.speed.step([(Placement.parse("AAAAAA"), 20)]).ms
+    service.states([replica(snapshot(["AAAAAA", 20, 3, 1024, "old"], taken_at=stats["taken_at"] - 1,
+                                     step_ms=factor * step_ms))])  # measured slower than the table says
+
+
+from policies.placement import Placement  # noqa: E402
+from policies.routing.types import RoutingRequest  # noqa: E402
+
+
+@pytest.mark.parametrize("drift", [_drift_policy, _drift_replica], ids=["served-requests", "replica-steps"])
+def test_a_drifted_calibration_with_no_load_labels_the_downgrade_budget(service, drift):
+    idle = snapshot()
+    best = service.decide(RoutingRequest(16, 8, preset="careful"), [replica(idle)]).raw_prediction
+    drift(service, idle if drift is _drift_replica else best, 1.3)
+    request = RoutingRequest(16, 8, tpot_ms=1.15 * best.tpot_ms / 0.9)  # met by careful only without the drift
+    decision = service.decide(request, [replica(idle)])
+    assert decision.preset == "quick", decision
+    assert service.downgrade(decision, request, 1.0, [replica(idle)]) == "budget"
+
+
+def test_a_downgrade_an_idle_replica_would_not_need_is_labelled_load(service):
+    idle = service.decide(RoutingRequest(16, 8, preset="careful"), [replica(snapshot())]).raw_prediction
+    busy = snapshot(*[["KKKKKK", 1000, 50, 2**20, f"r{i}"] for i in range(8)])  # a full batch of quick rows
+    request = RoutingRequest(16, 8, tpot_ms=1.2 * idle.tpot_ms / 0.9)
+    decision = service.decide(request, [replica(busy)])
+    assert decision.preset == "quick", decision
+    assert service.downgrade(decision, request, 1.0, [replica(busy)]) == "load"
+    assert service.downgrade(service.decide(RoutingRequest(16, 8), [replica(busy)]), request, 1.0,
+                             [replica(busy)]) is None  # no budget: the best quality, no downgrade

@@ -10,7 +10,7 @@ from policies.tables import (AcceptanceCounts, AcceptanceData, AcceptanceEntry, 
                              write_table)
 from router.api_models import CompletionRequest
 from router.config import AppConfig
-from router.errors import ApiError
+from policies.errors import InvalidPlacement
 from router.gateway import Gateway
 from tests.e2e.conftest import routed_presets
 
@@ -73,6 +73,6 @@ def test_a_given_draft_is_passed_through_and_a_bad_one_is_named(gateway):
     gateway.state["stats"] = stats(0, 1)
     given = gateway.prepare(request(speculation={"draft": "quick", "tokens": 3}), {})
     assert (given.draft.code, given.draft_tokens, given.routing.draft_preset) == ("KKKKKK", 3, "quick")
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(InvalidPlacement) as refused:
         gateway.prepare(request(speculation={"draft": "XYZ"}), {})
-    assert refused.value.status == 400 and "speculation.draft" in str(refused.value.param)
+    assert refused.value.http_status == 400 and refused.value.param == "speculation.draft"
