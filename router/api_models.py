@@ -50,8 +50,8 @@ class _Generation(_Body):
     seed: int | None = Field(None, description="Sampling seed: the same seed, the same tokens.")
     stop: str | list[str] | None = Field(None, description="Up to 4 stop strings (not part of the output).")
     ignore_eos: bool = Field(False, description="Generate past the end-of-sequence token (a vLLM extension).")
-    min_tokens: int = Field(0, ge=0, description="Tokens before EOS may end the output (a vLLM extension): "
-                                                 "0, or any value with ignore_eos and no stop strings.")
+    min_tokens: int = Field(0, ge=0, description="Tokens generated before end-of-sequence or a stop string may "
+                                                 "end the output (a vLLM extension).")
     stream: bool = Field(False, description="Stream server-sent events.")
     stream_options: StreamOptions | None = Field(None, description="Only with stream: true.")
     n: int = Field(1, ge=1, le=1, description="Only 1 completion per request.")
@@ -106,9 +106,6 @@ class _Generation(_Body):
             raise ValueError("stream_options needs stream: true")
         if self.min_tokens and self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
-        if self.min_tokens and not (self.ignore_eos and not self.stop):
-            # The engine cannot hold EOS and stop strings back yet; ignore_eos without stops meets any minimum.
-            raise ValueError("min_tokens > 0 is supported only with ignore_eos: true and no stop strings")
         return self
 
 

@@ -119,13 +119,17 @@ class Gateway:
         else:
             prompt_ids = self.tokenizer.encode(body.prompt)
         max_tokens = body.max_tokens or self.config.ingress.max_tokens_default
+        if body.min_tokens > max_tokens:
+            raise InvalidRequest(f"min_tokens ({body.min_tokens}) must not exceed max_tokens ({max_tokens})",
+                                 "min_tokens")
         if len(prompt_ids) + max_tokens > self.max_context:
             raise ContextTooLong(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the model's "
                                  f"context of {self.max_context} tokens: shorten the prompt or lower max_tokens",
                                  "max_tokens" if max_tokens > self.max_context // 2 else "prompt")
         placement, routing, replica, downgrade, *raw = self.choose(body, sla, len(prompt_ids), max_tokens)
         params = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                  "top_k": body.top_k, "seed": body.seed, "stop": list(body.stop or []), "ignore_eos": body.ignore_eos}
+                  "top_k": body.top_k, "seed": body.seed, "stop": list(body.stop or []), "ignore_eos": body.ignore_eos,
+                  "min_tokens": body.min_tokens}
         prepared = Prepared(uuid.uuid4().hex, prompt_ids, placement, routing, params, body.model, started, replica,
                             sla, downgrade, raw[0] if raw else None)
         if routing.draft_placement is not None:

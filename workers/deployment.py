@@ -76,6 +76,7 @@ def request_from_dict(data: dict, num_layers: int) -> Request:
             max_tokens=params.get("max_tokens", 16), temperature=params.get("temperature", 0.0),
             top_p=params.get("top_p", 1.0), top_k=params.get("top_k", 0), seed=params.get("seed"),
             stop=tuple(params.get("stop", ())), ignore_eos=params.get("ignore_eos", False),
+            min_tokens=params.get("min_tokens", 0),
         ),
         request_id=data["request_id"],
         draft=Placement.parse(data["draft"], num_layers) if data.get("draft") else None,

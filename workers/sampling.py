@@ -19,6 +19,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # neither end-of-sequence nor a stop string ends the output before this many tokens
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -29,6 +30,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
 
     def generator(self, device) -> torch.Generator | None:
         if self.temperature == 0:

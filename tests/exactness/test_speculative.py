@@ -124,3 +124,19 @@ def test_aborting_a_speculating_request_returns_both_caches(tiny_model):
     e.run_until_idle()
     assert e.stats().cache_used_bytes == 0 and e.pool.held_bytes == 0
     e.check_invariants()
+
+
+def test_min_tokens_holds_end_of_sequence_back_inside_verify_steps(tiny_model):
+    config = tiny_model.config
+    prompt = prompts(tiny_model, 1, seed=9)[0]
+    reference = alone(tiny_model, prompt, "GGGGGG", SamplingParams(max_tokens=30, ignore_eos=True))
+    params = SamplingParams(max_tokens=30, min_tokens=12)
+    eos = reference[3]  # ends the output at its 4th token without min_tokens
+
+    def request(draft):
+        return Request(prompt, config.placement("GGGGGG"), params, "r", eos, draft=draft and config.placement(draft),
+                       draft_tokens=4 if draft else 0)
+
+    plain, _ = run(engine(tiny_model), [request(None)])
+    drafted, _ = run(engine(tiny_model), [request("AAAAAA")])
+    assert drafted["r"] == plain["r"] and len(plain["r"]) >= 12 and eos not in plain["r"][:12]

@@ -5,7 +5,10 @@ read offsets), so a token costs O(1) decodes, and text is released only once it
 is whole: a window that ends in an incomplete UTF-8 character (U+FFFD) waits for
 the next token. With stop strings, the last ``len(longest stop) - 1`` characters
 are held back until no stop string can start there; on a match the text is cut
-before the stop string (OpenAI: the stop string is not returned).
+before the stop string (OpenAI: the stop string is not returned). Before
+``min_tokens`` tokens no stop string ends the output (vLLM's ``min_tokens``): the
+text decoded so far is not searched, though a match may start in its last
+characters.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ class Decoder(Protocol):
 
 
 class Detokenizer:
-    __slots__ = ("tokenizer", "stop", "holdback", "ids", "prefix_offset", "read_offset", "text", "sent", "searched")
+    __slots__ = ("tokenizer", "stop", "holdback", "ids", "prefix_offset", "read_offset", "text", "sent", "searched",
+                 "min_tokens")
 
-    def __init__(self, tokenizer: Decoder | None, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: Decoder | None, stop: tuple[str, ...] = (), min_tokens: int = 0):
         if stop and tokenizer is None:
             raise ValueError("stop strings need a tokenizer")
         self.tokenizer = tokenizer
@@ -34,6 +38,7 @@ class Detokenizer:
         self.text = ""  # decoded output text so far (cut at a stop string once one matched)
         self.sent = 0  # characters of ``text`` already released
         self.searched = 0  # characters of ``text`` already searched for stop strings
+        self.min_tokens = min_tokens
 
     def add(self, token: int) -> tuple[str, bool]:
         """Text newly released by ``token``, and whether a stop string ended the output."""
@@ -58,7 +63,9 @@ class Detokenizer:
         return self._release(final=True)
 
     def _release(self, final: bool) -> tuple[str, bool]:
-        if self.stop:
+        if self.stop and len(self.ids) < self.min_tokens:
+            self.searched = len(self.text)  # too early for a stop string to end the output
+        elif self.stop:
             start = max(0, self.searched - self.holdback)  # a match may begin in the held-back tail
             hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
             self.searched = len(self.text)

@@ -69,7 +69,7 @@ class Engine:
     def add_request(self, request: Request) -> None:
         """Queue a request for the next step; raise InvalidRequest/ContextTooLong if it can never run."""
         cache_bytes = self.admission.check(request)
-        detokenizer = Detokenizer(self.tokenizer, request.stop_strings)
+        detokenizer = Detokenizer(self.tokenizer, request.stop_strings, request.params.min_tokens)
         with self._lock:
             if request.request_id in self._active:
                 raise InvalidRequest(f"request id {request.request_id!r} is already in use")

@@ -118,11 +118,24 @@ class ModelRunner:
         tokens: list[list[int]] = [[] for _ in range(batch.num_rows)]
         if wanted:
             sequences = [batch.sequences[order[k]] for k in wanted]
+            self._hold_eos(logits, [(k, s, 0) for k, s in zip(wanted, sequences)])
             rows = logits if len(wanted) == batch.num_rows else logits[wanted]
             chosen = sample_rows(rows, [s.request.params for s in sequences], [s.generator for s in sequences])
             for k, token in zip(wanted, chosen):
                 tokens[order[k]] = [token]
         return tokens
+
+    def _hold_eos(self, logits: torch.Tensor, rows: list[tuple[int, Sequence, int]]) -> None:
+        """``min_tokens``: end-of-sequence cannot be drawn at a logits row whose token would be output number
+        ``len(outputs) + ahead + 1`` <= min_tokens (``rows``: (logits row, sequence, ahead)). Drafts are not held:
+        a proposal of it is refused by the held target."""
+        held = [(row, s) for row, s, ahead in rows
+                if len(s.output_ids) + ahead < s.request.params.min_tokens and not s.request.params.ignore_eos]
+        if held:
+            eos = [self.model.config.eos_token_id if s.request.eos_token_id is None else s.request.eos_token_id
+                   for _, s in held]
+            index = torch.tensor([row for row, _ in held], device=logits.device)
+            logits[index, torch.tensor(eos, device=logits.device)] = float("-inf")
 
     def _take_snapshots(self, batch: StepBatch) -> None:
         """Before a verify row, its recurrent layers' states; before a draft row's first proposal, its draft's."""
@@ -144,6 +157,8 @@ class ModelRunner:
             count = len(batch.sequences[i].draft.proposals) + 1 if kind is RowKind.VERIFY else 1
             spans.append((i, at, count))
             at += count
+        self._hold_eos(logits, [(at + i, batch.sequences[r], i) for r, at, count in spans
+                                if batch.samples[r] and batch.kinds[r] is not RowKind.DRAFT for i in range(count)])
         greedy = logits.argmax(dim=-1).tolist()  # one sync for every greedy decision
         restore = []
         for i, at, count in spans:

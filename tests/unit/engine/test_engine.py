@@ -224,3 +224,22 @@ def test_random_submit_cancel_finish_keeps_invariants(tiny_model, make_engine, m
         if stream[-1].finish_reason == "length":
             assert len(generated) == request.params.max_tokens
     assert engine.stats().cache_used_bytes == 0 and not engine.has_work()
+
+
+def test_min_tokens_holds_end_of_sequence_and_stop_strings_back(tiny_model, make_engine, tiny_tokenizer):
+    prompt, placement = [1, 17, 99, 402, 5], tiny_model.config.placement("ASGKAS")
+    run = lambda engine, request: [e for e in (engine.add_request(request) or engine.run_until_idle())]  # noqa: E731
+    reference = [e.token_id for e in run(make_engine(), Request(prompt, placement, SamplingParams(max_tokens=12,
+                                                                ignore_eos=True), "plain")) if e.token_id is not None]
+    eos = reference[1]  # as end-of-sequence, this would end the output at its second token
+    stopped = [e for e in run(make_engine(), Request(prompt, placement, SamplingParams(max_tokens=12), "eos", eos))]
+    assert [e.token_id for e in stopped if e.token_id is not None] == reference[:2] and stopped[-1].finish_reason == "stop"
+    held = run(make_engine(), Request(prompt, placement, SamplingParams(max_tokens=12, min_tokens=6), "held", eos))
+    tokens = [e.token_id for e in held if e.token_id is not None]
+    assert len(tokens) >= 6 and eos not in tokens[:6] and tokens[0] == reference[0]
+    stop = tiny_tokenizer.decode(reference[:1])  # a stop string the first token's text would match at once
+    early = run(make_engine(), Request(prompt, placement, SamplingParams(max_tokens=12, ignore_eos=True,
+                                                                          stop=(stop,), min_tokens=12), "stop"))
+    assert [e.token_id for e in early if e.token_id is not None] == reference and early[-1].finish_reason == "length"
+    with pytest.raises(InvalidRequest, match="min_tokens"):
+        SamplingParams(max_tokens=3, min_tokens=4)
