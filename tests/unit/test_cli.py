@@ -123,12 +123,13 @@ def test_generate_with_a_draft_prints_the_same_tokens_past_the_window(capsys, ti
             (target, draft)
 
 
-def test_generate_refuses_a_bad_draft(tiny_checkpoint):
-    result = run("generate", "--checkpoint", tiny_checkpoint, "--prompt", "x", "--draft", "GGGGGG",
-                 "--draft-tokens", 0, check=False)
-    assert result.returncode == 2 and "draft tokens must be an integer from 1 to 8" in result.stderr
-    result = run("generate", "--checkpoint", tiny_checkpoint, "--prompt", "x", "--draft", "GGG", check=False)
-    assert result.returncode == 2 and "GGG" in result.stderr
+def test_generate_refuses_a_bad_draft(capsys, tiny_checkpoint):
+    from router.cli import main
+
+    common = ["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", "x", "--draft"]
+    assert main([*common, "GGGGGG", "--draft-tokens", "0"]) == 2  # in-process: the same exit code and line
+    assert "draft tokens must be an integer from 1 to 8" in capsys.readouterr().err
+    assert main([*common, "GGG"]) == 2 and "GGG" in capsys.readouterr().err
 
 
 def test_acceptance_writes_a_valid_table_and_refuses_bad_options(capsys, tiny_checkpoint, tmp_path):
