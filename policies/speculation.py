@@ -26,9 +26,7 @@ def expected_tokens(acceptance: float, tokens: int) -> float:
     """Tokens one verify step yields on average, given the per-token acceptance rate and ``tokens`` proposed."""
     if not 0.0 <= acceptance <= 1.0:
         raise ValueError(f"an acceptance rate is in [0, 1], got {acceptance}")
-    if acceptance == 1.0:
-        return tokens + 1.0
-    return (1.0 - acceptance ** (tokens + 1)) / (1.0 - acceptance)
+    return float(_expected(acceptance, np.float64(tokens)))
 
 
 def check_draft_tokens(tokens: int) -> None:

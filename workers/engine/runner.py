@@ -74,19 +74,22 @@ class ModelRunner:
         """The model's batch for ``batch``'s rows, in ``order`` (default: as scheduled): each row at its own
         caches (a draft row at its draft's), with logits at every verified position of a verify row."""
         order = range(batch.num_rows) if order is None else order
-        placements, rows, starts, logit_index, at = batch.placements, [], [], [], 0
+        placements, rows, starts = batch.placements, [], []
         for i in order:
-            sequence, kind, length = batch.sequences[i], batch.kinds[i], len(batch.token_ids[i])
-            draft_row = kind is RowKind.DRAFT
-            rows.append(sequence.draft.blocks.row if draft_row else sequence.blocks.row)
-            starts.append(sequence.draft.num_computed if draft_row else sequence.num_computed)
-            wanted = len(sequence.draft.proposals) + 1 if kind is RowKind.VERIFY else 1
-            logit_index.extend(range(at + length - wanted, at + length))
-            at += length
+            sequence = batch.sequences[i]
+            cached = sequence.draft if batch.kinds[i] is RowKind.DRAFT else sequence  # (both have num_computed)
+            rows.append(cached.blocks.row)
+            starts.append(cached.num_computed)
         cache = CacheRows(self.pool.arena, self.pool.tables, rows)
         forward = ForwardBatch.build([batch.token_ids[i] for i in order], [placements[i] for i in order], starts,
                                      cache, device=self.model.device)
-        if len(logit_index) != len(rows):
+        if RowKind.VERIFY in batch.kinds:  # logits at each verified position, else each row's last token
+            logit_index, at = [], 0
+            for i in order:
+                length = len(batch.token_ids[i])
+                wanted = len(batch.sequences[i].draft.proposals) + 1 if batch.kinds[i] is RowKind.VERIFY else 1
+                logit_index.extend(range(at + length - wanted, at + length))
+                at += length
             forward.logit_index = torch.tensor(logit_index, dtype=torch.long, device=self.model.device)
         return forward
 
