@@ -15,7 +15,10 @@ PAIRS = [("AAAAAA", "GGGGGG"), ("AAAAAA", "SSSSSS"), ("GGGGGG", "KKKKKK"), ("ASG
 
 
 def engine(model, budget=60_000_000):
-    return Engine(model, EngineConfig(cache_budget_bytes=budget, max_prefill_tokens=8, check_invariants=True))
+    # 4-token pages: a window of 16 is exactly 4 pages, so only the speculative slack keeps rejected writes
+    # off the slots the window still sees (the default pages of 32 tokens would hide it)
+    return Engine(model, EngineConfig(cache_budget_bytes=budget, max_prefill_tokens=8, check_invariants=True,
+                                      page_tokens=4))
 
 
 def prompts(model, count, seed=5):
