@@ -22,7 +22,11 @@ from tests.e2e.prometheus import BINARY, MISSING, Prometheus
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "scaled"
-SCALE_UP_WITHIN_S = 60.0  # from the start of the load to a second worker replica running
+SCALE_UP_WITHIN_S = 60.0  # from the start of the load to the autoscaler asking for a second worker replica
+# From that decision to the replica running: Ray starts a process that imports torch and Ray and loads the
+# checkpoint, on cores the load keeps busy (32 s on this 2-core VM; CI's machines are slower). Not the
+# autoscaler's time, so it gets a wide bound of its own.
+REPLICA_START_WITHIN_S = 240.0
 SCALE_DOWN_WITHIN_S = 60.0  # from the end of the load to one worker replica again
 PANELS_WITHIN_S = 45.0  # from the end of the load to every panel returning data
 AUTOSCALING = {  # short windows and periods, so that the test takes seconds, not minutes
@@ -115,14 +119,30 @@ def test_autoscaler_reading_prometheus_scales_workers_up_under_load_and_back_dow
             while not stop.is_set():
                 sent.append(http.post("/v1/completions", json=body).status_code)
 
-    counts = []
-    with ThreadPoolExecutor(6) as pool:  # 6 in flight against max_running=2: a queue builds up
+    def desired() -> float | None:  # the autoscaler's last decision, as exported
+        values = [float(r["value"][1]) for r in prometheus.query(
+            f'max(supernet_autoscaler_desired_replicas{{application="{APP}"}})')]
+        return values[0] if values else None
+
+    def reasons() -> dict[str, float]:  # evaluations so far, by reason
+        return {r["metric"]["reason"]: float(r["value"][1]) for r in prometheus.query(
+            f'sum by (reason) (supernet_autoscaler_decisions_total{{application="{APP}"}})')}
+
+    def inputs() -> dict[str, float]:
+        return {r["metric"]["signal"]: round(float(r["value"][1]), 3) for r in prometheus.query(
+            f'max by (signal) (supernet_autoscaler_signal{{application="{APP}"}})')}
+
+    with ThreadPoolExecutor(4) as pool:  # 4 in flight against max_running=2: a queue builds up
         started = time.monotonic()
-        futures = [pool.submit(client) for _ in range(6)]
+        futures = [pool.submit(client) for _ in range(4)]
         try:
-            up = wait_until(lambda: counts.append(running_workers()) or counts[-1] == 2, SCALE_UP_WITHIN_S)
+            decided = wait_until(lambda: desired() == 2, SCALE_UP_WITHIN_S)
+            decided_s = time.monotonic() - started
+            assert decided, (f"the autoscaler did not ask for a second worker within {SCALE_UP_WITHIN_S} s of "
+                             f"load: decisions {reasons()}, last inputs {inputs()}")
+            up = wait_until(lambda: running_workers() == 2, REPLICA_START_WITHIN_S)
             scaled_up_s = time.monotonic() - started
-            assert up, f"no second worker within {SCALE_UP_WITHIN_S} s of load (replicas seen: {counts[-5:]})"
+            assert up, f"asked for, but no second worker running {REPLICA_START_WITHIN_S} s later"
             time.sleep(3)  # still loaded: it must stay at 2
             assert running_workers() == 2
         finally:
@@ -135,13 +155,10 @@ def test_autoscaler_reading_prometheus_scales_workers_up_under_load_and_back_dow
     scaled_down_s = time.monotonic() - ended
     assert down, f"still {running_workers()} workers {SCALE_DOWN_WITHIN_S} s after the load ended"
 
-    def reasons() -> dict[str, float]:  # evaluations so far, by reason
-        return {r["metric"]["reason"]: float(r["value"][1]) for r in prometheus.query(
-            f'sum by (reason) (supernet_autoscaler_decisions_total{{application="{APP}"}})')}
-
     seen = wait_until(lambda: {"sla-pressure", "scale-down"} <= set(reasons()), 15)
     assert seen, reasons()
-    print(f"scaled up {scaled_up_s:.1f} s after the load started, down {scaled_down_s:.1f} s after it ended; "
+    print(f"asked for 2 workers {decided_s:.1f} s and running {scaled_up_s:.1f} s after the load started, "
+          f"down {scaled_down_s:.1f} s after it ended; "
           f"{len(sent)} requests")
 
 

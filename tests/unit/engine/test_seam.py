@@ -64,6 +64,8 @@ def test_a_replica_runs_on_any_serving_engine(make_engine, tiny_model, tiny_chec
         return events, stats
 
     events, stats = asyncio.run(main())
-    assert [e["finish_reason"] for e in events] == [None, None, "length"]
+    # Tokens that piled up while the consumer was busy arrive merged, so count tokens, not messages.
+    assert sum(e["tokens"] for e in events) == 3 and events[-1]["finish_reason"] == "length"
+    assert all(e["finish_reason"] is None for e in events[:-1])
     assert stats["running"] == [] and stats["cache_budget_bytes"] > 0
     assert seam.calls[:2] == ["start", "submit"] and "stats" in seam.calls
