@@ -149,6 +149,16 @@ def merged(batch: list) -> dict:
             "finish_reason": batch[-1].finish_reason}
 
 
+def _replica_id() -> str | None:
+    """This Serve replica's unique id; None outside Serve (tests, the CLI)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001: RayServeException outside a replica
+        return None
+
+
 class WorkerObserver(Protocol):
     """What a replica reports besides routing stats (``router.metrics.WorkerMetrics``: metrics, autoscaling)."""
 
@@ -168,16 +178,19 @@ class WorkerServer:
         self.engine = engine_factory(spec)  # only the ServingEngine calls (workers/engine/seam.py) from here on
         self.num_layers = self.engine.facts.num_layers
         self.observer = observer
+        self.replica_id = _replica_id()  # the first message of each stream names it (x-supernet-replica)
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """Token batches as dicts: {text, tokens, finish_reason} (``merged``). A failure raises EngineFailure."""
+        """Token batches as dicts: {text, tokens, finish_reason} (``merged``), the first also naming this replica
+        (``replica``). A failure raises EngineFailure."""
         self._ensure_started()
         arrived, first_at, tokens = time.monotonic(), None, 0
         stream = self.engine.submit(request_from_dict(request, self.num_layers))
         async for batch in batches(stream):
+            message = merged(batch)
             if first_at is None:
                 first_at = time.monotonic()
-            message = merged(batch)
+                message["replica"] = self.replica_id
             tokens += message["tokens"]
             yield message
         if self.observer is not None:
