@@ -24,7 +24,6 @@ from policies.routing.types import Prediction
 from router.api_models import ChatCompletionRequest, CompletionRequest, Routing, Sla
 from router.config import AppConfig
 from router.errors import replica_died
-from router.replica_router import mark_lost
 from router.routing import RoutingService
 from workers.model.config import load_config
 from workers.model.tokenizer import Tokenizer
@@ -153,13 +152,12 @@ class Gateway:
         policy.observe(prepared.raw_prediction, ttft_ms, tpot_ms)
 
     def done(self, prepared: Prepared, error: BaseException | None = None) -> None:
-        """The request ended (``error``: how it failed). A replica seen dead gets no more requests from here."""
+        """The request ended (``error``: how it failed)."""
         if self.routing is not None:
             self.routing.finished(prepared.replica_id, prepared.request_id)
-        if error is not None and prepared.served_by is not None and replica_died(error):
-            log.warning("worker replica %s died under request %s: no more requests go to it",
-                        prepared.served_by, prepared.request_id)
-            mark_lost(prepared.served_by)
+        if error is not None and replica_died(error):
+            log.warning("worker replica %s died under request %s", prepared.served_by or prepared.replica_id,
+                        prepared.request_id)
 
     def _sla(self, sla: Sla | None, headers: dict[str, str]) -> Sla | None:
         values = sla.model_dump() if sla else {}
