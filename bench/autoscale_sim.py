@@ -62,6 +62,7 @@ class Trace:
     burst_s: float = 120.0
     burst_factor: float = 1.6
     seed: int = 0
+    classes: tuple | None = None  # request classes as bench/simulate.py's CLASSES (None: those)
 
     def burst_starts(self) -> list[float]:
         rng = random.Random(f"bursts-{self.seed}")
@@ -85,8 +86,9 @@ class Trace:
                 return out
             if rng.random() * top > self.rate(now, starts):
                 continue
-            kind, _, (lo, hi), max_tokens, ttft, tpot, deadline, priority = rng.choices(CLASSES,
-                                                                                        [c[1] for c in CLASSES])[0]
+            classes = self.classes or CLASSES
+            kind, _, (lo, hi), max_tokens, ttft, tpot, deadline, priority = rng.choices(classes,
+                                                                                        [c[1] for c in classes])[0]
             out.append(SimRequest(now, rng.randrange(lo, hi), max_tokens, ttft, tpot, deadline, priority, kind))
 
 
@@ -285,7 +287,7 @@ def compare(speed: Path | None, trace: Trace, replica_rate: float, startup_s: fl
 
 def summary(out: dict, trace: Trace, args) -> dict:
     static_h = out["static_replica_hours"]
-    line = {"bench": "autoscale_sim", "speed": speed_label(args.speed), "trace": asdict(trace),
+    line = {"bench": "autoscale_sim", "speed": speed_label(args.speed), "trace": {k: v for k, v in asdict(trace).items() if k != "classes"},
             "peak_rate": round(trace.peak_rate(), 3), "startup_s": args.startup_s,
             "static_replicas": out["static_replicas"], "static_replica_hours": round(static_h, 3)}
     for name, r in out["results"].items():
