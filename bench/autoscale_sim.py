@@ -267,11 +267,12 @@ def _run_one(job: tuple) -> dict:  # in a worker process: the predictor is rebui
 
 
 def compare(speed: Path | None, trace: Trace, replica_rate: float, startup_s: float = 120.0,
-            variants: tuple[str, ...] = tuple(VARIANTS), jobs: int = 1, **kwargs) -> dict:
+            variants: tuple[str, ...] = tuple(VARIANTS), jobs: int = 1, overrides: dict | None = None,
+            **kwargs) -> dict:
     """The variants on one trace (``jobs`` processes; the same result either way); the static fleet's size
     comes from the trace's peak, and is the autoscalers' max_replicas."""
     static = max(1, math.ceil(trace.peak_rate() / replica_rate - 1e-9))
-    config = ScalingConfig(min_replicas=1, max_replicas=static)
+    config = ScalingConfig(**{"min_replicas": 1, "max_replicas": static, **(overrides or {})})
     kwargs = {**kwargs, "startup_s": startup_s, "static_replicas": static}
     work = [(v, speed, trace, config, kwargs) for v in variants]
     if jobs > 1:
@@ -328,6 +329,11 @@ def plot(results: dict, trace: Trace, path: Path) -> None:
     FigureCanvasAgg(figure).print_png(str(path))
 
 
+def _setting(text: str) -> tuple[str, float]:
+    key, _, value = text.partition("=")
+    return key, float(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--speed", type=Path, help="speed table (default: the 15B H100 roofline model)")
@@ -344,13 +350,15 @@ def main() -> None:
     parser.add_argument("--stats-period", type=float, default=0.5)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], type=_setting, metavar="KEY=VALUE",
+                        help="a ScalingConfig value other than its default (docs/autoscaling.md), e.g. upscale_cooldown_s=180")
     parser.add_argument("--jobs", type=int, default=1, help="variants run in this many processes")
     parser.add_argument("--out", type=Path, default=Path("bench/results/autoscale-sim-timeline.json"))
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
     trace = Trace(args.span_s, args.trough, args.peak, args.bursts, args.burst_s, args.burst_factor, args.seed)
     out = compare(args.speed, trace, args.replica_rate, args.startup_s, tuple(args.variants.split(",")),
-                  args.jobs, budget=int(args.budget_gib * 2**30), stats_period=args.stats_period)
+                  args.jobs, dict(args.set), budget=int(args.budget_gib * 2**30), stats_period=args.stats_period)
     line = summary(out, trace, args)
     line["config"] = {k: v for k, v in asdict(out["config"]).items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
