@@ -24,11 +24,13 @@ def build_app(config: AppConfig) -> Application:
     scaling = config.autoscaling
     replicas = ({"autoscaling_config": serve_autoscaling_config(scaling, worker.num_replicas)} if scaling.enabled
                 else {"num_replicas": worker.num_replicas})
+    # The worker counts its requests itself (WorkerSpec.max_open_requests: Overloaded beyond): Serve's own
+    # limit only bounds calls in flight, one long-lived subscription per ingress replica among them.
     worker_deployment = serve.deployment(WorkerServer, name="SupernetWorker").options(
         **replicas,
         ray_actor_options={"num_cpus": worker.num_cpus, "num_gpus": worker.num_gpus},
-        max_ongoing_requests=worker.max_ongoing_requests,
-        max_queued_requests=worker.max_queued_requests,
+        max_ongoing_requests=spec.max_open_requests + config.ingress.num_replicas + 16,
+        max_queued_requests=-1,
         health_check_period_s=10,
         request_router_config=RequestRouterConfig(
             request_router_class="router.replica_router:SupernetRequestRouter",
@@ -49,7 +51,8 @@ def worker_spec(config: AppConfig, checkpoint: str) -> WorkerSpec:
     return WorkerSpec(checkpoint=checkpoint, device=config.model.device, dtype=config.model.dtype,
                       num_threads=max(1, int(worker.num_cpus)), cache_budget_bytes=worker.cache_budget_bytes,
                       gpu_memory_fraction=worker.gpu_memory_fraction, max_prefill_tokens=worker.max_prefill_tokens,
-                      max_running=worker.max_running)
+                      max_running=worker.max_running,
+                      max_open_requests=worker.max_ongoing_requests + worker.max_queued_requests)
 
 
 def app_builder(args: dict) -> Application:

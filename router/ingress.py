@@ -5,7 +5,9 @@ request ends with a response or an explicit error: errors before the first
 token are HTTP statuses with a JSON body (every exception is mapped once, by
 ``router.errors``); an error mid-stream is a final SSE ``error`` event. The
 worker sends tokens in batches; each batch is one SSE event, written from a
-template encoded once per request (``router.sse``).
+template encoded once per request (``router.sse``). The tokens come from
+``router.worker_streams``: one subscription per worker replica carries every
+request's tokens of an engine step in one message.
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` type on Serve-wrapped methods.
@@ -34,6 +36,7 @@ from router.sse import SseWriter
 from router.metrics import Recorder, RequestMetrics, replica_identity
 from router.metrics_text import PROMETHEUS_TEXT, application_metrics, metrics_url
 from router.replica_router import replicas_of
+from router.worker_streams import WorkerStreams
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ class Ingress:
         self.config = AppConfig.model_validate(config)
         self.gateway = Gateway(self.config, checkpoint, replicas=lambda: replicas_of("SupernetWorker"))
         self.worker = worker
-        self._stream_handle = worker.options(stream=True)  # cached: options() is not free
+        self.streams = WorkerStreams(worker)
         self.metrics = RequestMetrics(Recorder(replica_identity()[0], self.config.metrics.enabled))
         self._replica_metrics_task = None
         self._metrics_url = metrics_url()  # this node's, fixed for the replica's life (a GCS call: not per scrape)
@@ -146,18 +149,22 @@ class Ingress:
 
     async def _generate(self, request: Request, model, chat: bool):
         self._start_replica_metrics()
-        prepared = None
+        prepared = events = None
         try:
             self.gateway.authorize(request.headers.get("authorization"))
             body = parse(model, await read_json(request, self.config.ingress.max_body_bytes))
             prepared = self.gateway.prepare(body, {k.lower(): v for k, v in request.headers.items()})
-            events = self._stream_handle.generate.remote(self.gateway.worker_request(prepared))
             self.metrics.routed(prepared, time.monotonic() - prepared.started)
-            first, rest = await first_and_rest(events)  # admission errors become statuses here
+            events = await self.streams.submit(self.gateway.worker_request(prepared))  # admission errors raise
+            first, rest = await first_and_rest(events)  # and so do failures before the first token
             first_at = time.monotonic()
-        except Exception as exc:  # noqa: BLE001: every error maps to a status at this boundary
+        except BaseException as exc:  # noqa: BLE001: every error maps to a status at this boundary
+            if events is not None:
+                events.close()  # aborts the request on its worker unless it ended
             if prepared is not None:
                 self.gateway.done(prepared)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the client left before the first token
             error = as_supernet_error(exc)
             self.metrics.refused(prepared, error.http_status, error.headers.get(SHED_REASON_HEADER))
             return error_response(error)
@@ -173,6 +180,7 @@ class Ingress:
             self.metrics.finished(prepared, "error", first_at, 0)
             return error_response(exc)
         finally:
+            rest.close()  # aborts the request unless it finished (the client left: this task was cancelled)
             self.gateway.done(prepared)
         self.metrics.finished(prepared, "ok", first_at, tokens)
         self.gateway.served(prepared, first_at, tokens)
@@ -204,6 +212,7 @@ class Ingress:
             outcome = "error"
             yield writer.event(error_body(as_supernet_error(exc)))
         finally:
+            rest.close()  # aborts the request unless it finished
             self.gateway.done(prepared)
             self.metrics.finished(prepared, outcome, first_at, tokens)
             if outcome == "ok":
