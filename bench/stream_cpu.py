@@ -6,6 +6,9 @@ steps during the HTTP run; ``alone_``: the same engine stepped in this process a
 running); and the CPU ms (utime + stime from /proc, streaming phase only) per streamed token of the
 ingress replica, the Serve HTTP proxy and the worker replica. One JSON line.
 
+The service is the default one, as ``supernet-router serve`` runs it: the ingress serves HTTP itself
+(``path: "ingress"``, proxy 0). ``--serve-proxy``: through Serve's HTTP proxy instead (the Helm chart's).
+
     .venv/bin/python bench/stream_cpu.py --streams 32 --tokens 200
 """
 
@@ -81,6 +84,7 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--no-ignore-eos", action="store_true", help="for servers that refuse ignore_eos")
+    parser.add_argument("--serve-proxy", action="store_true", help="HTTP through Serve's proxy, not the ingress")
     args = parser.parse_args()
     import ray
     from ray import serve
@@ -91,8 +95,12 @@ def main() -> None:
     config = default_config()
     ray.init(include_dashboard=False, log_to_driver=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(config), name="bench", route_prefix="/")
+    if args.serve_proxy:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(config), name="bench", route_prefix="/")
+    else:
+        serve.start(proxy_location="Disabled")
+        serve.run(build_app(config, listen=("127.0.0.1", port)), name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
     body = {"model": config.presets[0].name, "prompt": "def fibonacci(n):", "max_tokens": args.tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
@@ -105,11 +113,11 @@ def main() -> None:
         await stream_all(url, {**body, "max_tokens": 16}, args.streams)  # warm-up: every path compiled
         stop, steps = asyncio.Event(), {}
         poller = asyncio.create_task(poll_steps(handle, stop, steps))
-        before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        before = {role: cpu_seconds(pid) if pid else 0.0 for role, pid in pids.items()}
         start = time.perf_counter()
         tokens = await stream_all(url, body, args.streams)
         elapsed = time.perf_counter() - start
-        after = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        after = {role: cpu_seconds(pid) if pid else 0.0 for role, pid in pids.items()}
         stop.set()
         await poller
         await serve.shutdown_async()  # in this loop: the handle's router lives here
@@ -123,7 +131,7 @@ def main() -> None:
     engine_tps = sum(s["num_generated"] for s in full) / sum(s["seconds"] for s in full) if full else None
     ms = {role: round(1000 * seconds / total, 4) for role, seconds in cpu.items()}
     print(json.dumps({
-        "bench": "stream_cpu", "streams": args.streams, "tokens": args.tokens, "streamed_tokens": total,
+        "bench": "stream_cpu", "path": "serve-proxy" if args.serve_proxy else "ingress", "streams": args.streams, "tokens": args.tokens, "streamed_tokens": total,
         "sse_events": events, "http_tokens_per_s": round(total / elapsed, 1),
         "engine_tokens_per_s": engine_tps and round(engine_tps, 1), "alone_tokens_per_s": round(alone_tps, 1),
         "http_over_alone": round(total / elapsed / alone_tps, 3),

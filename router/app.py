@@ -14,7 +14,9 @@ from workers.deployment import WorkerServer, WorkerSpec
 from workers.model.config import load_config
 
 
-def build_app(config: AppConfig) -> Application:
+def build_app(config: AppConfig, listen: tuple[str, int] | None = None) -> Application:
+    """``listen``: (host, port) where the ingress replicas serve HTTP themselves (``router/http_server.py``),
+    off Serve's HTTP proxy; None: through Serve's proxy only (the Helm chart's RayService)."""
     checkpoint = str(resolve_checkpoint(config).resolve())
     model = load_config(checkpoint)
     for preset in config.presets:  # a bad preset fails here, before anything starts
@@ -43,7 +45,7 @@ def build_app(config: AppConfig) -> Application:
                               max_ongoing_requests=config.ingress.max_ongoing_requests)
     observer = WorkerMetrics({model.placement(p.placement).code: p.name for p in config.presets},
                              enabled=config.metrics.enabled, window_s=scaling.window_s)
-    return ingress.bind(worker_deployment.bind(spec, observer=observer), config.model_dump(), checkpoint)
+    return ingress.bind(worker_deployment.bind(spec, observer=observer), config.model_dump(), checkpoint, listen)
 
 
 def worker_spec(config: AppConfig, checkpoint: str) -> WorkerSpec:

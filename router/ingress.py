@@ -30,6 +30,7 @@ from router.api_models import ChatCompletionRequest, CompletionRequest, Usage
 from router.config import AppConfig
 from router.errors import as_supernet_error, error_body, error_response
 from router.gateway import Gateway, Prepared, first_and_rest
+from router.http_server import HttpServer
 from router.openapi import (ChatCompletionChunk, ChatCompletionResponse, CompletionChunk, CompletionResponse, Health,
                             ModelList, install, responses, route_docs)
 from router.sse import SseWriter
@@ -105,7 +106,9 @@ def _id(prepared: Prepared, chat: bool) -> str:
 @serve.deployment(name="SupernetIngress", ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, worker, config: dict, checkpoint: str):
+    def __init__(self, worker, config: dict, checkpoint: str, listen: tuple[str, int] | None = None):
+        """``listen``: (host, port) to serve HTTP on from this replica (``router.http_server``); None: only
+        through Serve's HTTP proxy."""
         self.config = AppConfig.model_validate(config)
         self.gateway = Gateway(self.config, checkpoint, replicas=lambda: replicas_of("SupernetWorker"))
         self.worker = worker
@@ -113,6 +116,10 @@ class Ingress:
         self.metrics = RequestMetrics(Recorder(replica_identity()[0], self.config.metrics.enabled))
         self._replica_metrics_task = None
         self._metrics_url = metrics_url()  # this node's, fixed for the replica's life (a GCS call: not per scrape)
+        self.http = None
+        if listen is not None:  # Serve runs __init__ on the replica's event loop: the server shares it
+            self.http = HttpServer(api, *listen)
+            self.http.start()
 
     @api.get("/health", responses=responses(Health, 503))
     async def health(self):
