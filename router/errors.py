@@ -24,10 +24,20 @@ def as_supernet_error(exc: BaseException) -> SupernetError:
         return WorkerUnavailable("no worker is ready to serve this request")
     if isinstance(exc, RequestCancelledError):
         return Cancelled("the request was cancelled")
+    if replica_died(exc):
+        return WorkerUnavailable("the worker replica serving this request stopped (its process died): retry; "
+                                 "Serve is replacing it")
     cause = getattr(exc, "cause", None)  # RayTaskError wraps the worker's exception
     if isinstance(cause, BaseException) and cause is not exc:
         return as_supernet_error(cause)
     return SupernetError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+def replica_died(exc: BaseException) -> bool:
+    """The worker replica's process is gone (killed, crashed, node lost): not the request's fault."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    return isinstance(exc, (ActorDiedError, ActorUnavailableError))
 
 
 def error_body(error: SupernetError) -> dict:

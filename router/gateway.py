@@ -23,6 +23,7 @@ from policies.routing import PresetInfo, RoutingRequest
 from policies.routing.types import Prediction
 from router.api_models import ChatCompletionRequest, CompletionRequest, Routing, Sla
 from router.config import AppConfig
+from router.errors import replica_died
 from router.routing import RoutingService
 from workers.model.config import load_config
 from workers.model.tokenizer import Tokenizer
@@ -43,12 +44,13 @@ class Prepared:
     params: dict
     model: str
     started: float
-    replica_id: str | None = None
+    replica_id: str | None = None  # the replica the routing decision chose (None: Serve chooses)
     sla: Sla | None = None  # the request's budgets (metrics count them met or missed)
     downgrade: str | None = None  # why a faster preset than the best was chosen: "budget", "load" or None
     raw_prediction: Prediction | None = None  # the policy's uncalibrated prediction (for its calibration)
     draft: Placement | None = None  # speculate: the draft placement, proposing draft_tokens per verify step
     draft_tokens: int = 0
+    served_by: str | None = None  # the replica that answered (its first message says)
 
     @property
     def preset_label(self) -> str:
@@ -149,9 +151,13 @@ class Gateway:
         tpot_ms = 1000 * (now - first_at) / (tokens - 1) if tokens > 1 else None
         policy.observe(prepared.raw_prediction, ttft_ms, tpot_ms)
 
-    def done(self, prepared: Prepared) -> None:
+    def done(self, prepared: Prepared, error: BaseException | None = None) -> None:
+        """The request ended (``error``: how it failed)."""
         if self.routing is not None:
             self.routing.finished(prepared.replica_id, prepared.request_id)
+        if error is not None and replica_died(error):
+            log.warning("worker replica %s died under request %s", prepared.served_by or prepared.replica_id,
+                        prepared.request_id)
 
     def _sla(self, sla: Sla | None, headers: dict[str, str]) -> Sla | None:
         values = sla.model_dump() if sla else {}

@@ -169,13 +169,15 @@ class Ingress:
             if events is not None:
                 events.close()  # aborts the request on its worker unless it ended
             if prepared is not None:
-                self.gateway.done(prepared)
+                self.gateway.done(prepared, exc)
             if not isinstance(exc, Exception):
                 raise  # cancelled: the client left before the first token
             error = as_supernet_error(exc)
             self.metrics.refused(prepared, error.http_status, error.headers.get(SHED_REASON_HEADER))
             return error_response(error)
-        headers = {**prepared.routing.headers(), "x-supernet-request-id": prepared.request_id}
+        prepared.served_by = events.replica_id  # the replica that accepted it
+        headers = {**prepared.routing.headers(), "x-supernet-request-id": prepared.request_id,
+                   "x-supernet-replica": prepared.served_by or ""}
         if body.stream:
             writer = SseWriter(_id(prepared, chat), prepared.model, chat, len(prepared.prompt_ids),
                                body.stream_options)
@@ -184,11 +186,12 @@ class Ingress:
         try:
             text, tokens, finish = await collect(first, rest)
         except Exception as exc:  # noqa: BLE001
+            self.gateway.done(prepared, exc)
             self.metrics.finished(prepared, "error", first_at, 0)
             return error_response(exc)
         finally:
             rest.close()  # aborts the request unless it finished (the client left: this task was cancelled)
-            self.gateway.done(prepared)
+        self.gateway.done(prepared)
         self.metrics.finished(prepared, "ok", first_at, tokens)
         self.gateway.served(prepared, first_at, tokens)
         self.gateway.log_done(prepared, tokens, finish)
@@ -202,7 +205,7 @@ class Ingress:
         return JSONResponse(response, headers=headers)
 
     async def _sse(self, prepared: Prepared, first, rest, writer: SseWriter, first_at: float):
-        tokens, finish, outcome = 0, None, "cancelled"  # cancelled: the client left mid-stream
+        tokens, finish, outcome, failure = 0, None, "cancelled", None  # cancelled: the client left mid-stream
         opening = writer.start(prepared.routing.model_dump())
         if opening:
             yield opening
@@ -216,11 +219,11 @@ class Ingress:
                 batch = await anext(rest, None)
             outcome = "ok"
         except Exception as exc:  # noqa: BLE001: mid-stream errors end the stream explicitly
-            outcome = "error"
+            outcome, failure = "error", exc
             yield writer.event(error_body(as_supernet_error(exc)))
         finally:
             rest.close()  # aborts the request unless it finished
-            self.gateway.done(prepared)
+            self.gateway.done(prepared, failure)
             self.metrics.finished(prepared, outcome, first_at, tokens)
             if outcome == "ok":
                 self.gateway.served(prepared, first_at, tokens)

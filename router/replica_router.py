@@ -6,6 +6,10 @@ after it, least loaded first, so a full or dead replica still falls back
 safely. Each router instance lives in the ingress process (one per handle) and
 registers itself under its deployment so the ingress can read the replicas'
 routing stats, which Serve refreshes every ``request_routing_stats_period_s``.
+
+A replica whose process dies leaves that set at the first request that fails on it (Serve's router
+drops it on ``ActorDiedError``, before the controller notices), so the policy stops predicting for it
+at once (tests/e2e/test_faults.py).
 """
 
 from __future__ import annotations

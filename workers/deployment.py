@@ -148,6 +148,16 @@ async def batches(events: AsyncIterable) -> AsyncIterator[list]:
         task.cancel()
 
 
+def _replica_id() -> str | None:
+    """This Serve replica's unique id; None outside Serve (tests, the CLI)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001: RayServeException outside a replica
+        return None
+
+
 class WorkerObserver(Protocol):
     """What a replica reports besides routing stats (``router.metrics.WorkerMetrics``: metrics, autoscaling)."""
 
@@ -167,7 +177,7 @@ class WorkerServer:
         self.engine = engine_factory(spec)  # only the ServingEngine calls (workers/engine/seam.py) from here on
         self.num_layers = self.engine.facts.num_layers
         self.observer = observer
-        self.replica_id = _replica_id()
+        self.replica_id = _replica_id()  # the first message of each stream names it (x-supernet-replica)
         self.subscriptions = Subscriptions(self.engine, lambda r: request_from_dict(r, self.num_layers),
                                            spec.max_open_requests,
                                            observer.request_done if observer is not None else None)
@@ -199,14 +209,16 @@ class WorkerServer:
             yield message
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """Token batches as dicts: {text, tokens, finish_reason} (``merged``). A failure raises EngineFailure."""
+        """Token batches as dicts: {text, tokens, finish_reason} (``merged``), the first also naming this replica
+        (``replica``). A failure raises EngineFailure."""
         self._ensure_started()
         arrived, first_at, tokens = time.monotonic(), None, 0
         stream = self.engine.submit(request_from_dict(request, self.num_layers))
         async for batch in batches(stream):
+            message = merged(batch)
             if first_at is None:
                 first_at = time.monotonic()
-            message = merged(batch)
+                message["replica"] = self.replica_id
             tokens += message["tokens"]
             yield message
         if self.observer is not None:
@@ -240,13 +252,3 @@ class WorkerServer:
         if not self.engine.started:
             self.engine.start()
 
-
-def _replica_id() -> str | None:
-    """This Serve replica's id (what the router's replica choice names); None outside Serve (tests)."""
-    from ray import serve
-    from ray.serve.exceptions import RayServeException
-
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except RayServeException:
-        return None

@@ -1,0 +1,147 @@
+"""Faults on the real local Ray Serve: a worker replica's process SIGKILLed mid-stream, with two replicas and
+with one. Real processes, real HTTP clients; every bound here is a "never hangs" bound, far above the
+normal time (seconds), not a speed claim.
+
+Two applications on the session's Serve: "faulty" (budget routing over two worker replicas of at most 3
+requests each, so that 6 streams land 3 and 3) and "lonely" (one worker replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import PRESETS
+
+NEVER_HANGS_S = 120.0  # a stream on a dead replica must end well within this
+RESTART_WITHIN_S = 240.0  # Serve replacing a dead replica: a new process importing torch, on 2 busy cores
+
+
+def deploy(name: str, config: dict):
+    from ray import serve
+
+    from router.app import build_app
+    from router.config import AppConfig
+
+    serve.run(build_app(AppConfig.from_dict(config)), name=name, route_prefix=f"/{name}")
+
+
+@pytest.fixture(scope="module")
+def faulty(serve_cluster, routed_tables, tiny_checkpoint):
+    from ray import serve
+
+    speed, presets = routed_tables
+    deploy("faulty", {"model": {"checkpoint": str(tiny_checkpoint)}, "presets": presets,
+                      "tables": {"speed": str(speed)}, "routing": {"stats_period_s": 0.2},
+                      "ingress": {"model_name": "tiny"},
+                      "worker": {"num_replicas": 2, "num_cpus": 0.5, "cache_budget_bytes": 64 * 2**20,
+                                 "max_ongoing_requests": 3, "max_queued_requests": 16}})
+    yield f"{serve_cluster.url}/faulty"
+    serve.delete("faulty")
+
+
+@pytest.fixture(scope="module")
+def lonely(serve_cluster, tiny_checkpoint):
+    from ray import serve
+
+    deploy("lonely", {"model": {"checkpoint": str(tiny_checkpoint)}, "presets": PRESETS, "ingress": {"model_name": "tiny"},
+                      "worker": {"num_replicas": 1, "num_cpus": 0.5, "cache_budget_bytes": 64 * 2**20}})
+    yield f"{serve_cluster.url}/lonely"
+    serve.delete("lonely")
+
+
+def kill_replica(app: str, replica_id: str) -> None:
+    """SIGKILL the process of one worker replica (found through its Ray actor)."""
+    import ray
+
+    actor = ray.get_actor(f"SERVE_REPLICA::{app}#SupernetWorker#{replica_id}", namespace="serve")
+    pid = ray.get(actor.__ray_call__.remote(lambda replica: os.getpid()))
+    os.kill(pid, signal.SIGKILL)
+
+
+class Stream:
+    """One streamed completion as a client sees it: the replica that answered, tokens, error event, [DONE]."""
+
+    def __init__(self):
+        self.status, self.replica, self.tokens, self.error, self.done = None, None, 0, None, False
+        self.first_token = asyncio.Event()
+
+    async def run(self, http: httpx.AsyncClient, body: dict) -> None:
+        try:
+            async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+                self.status, self.replica = response.status_code, response.headers.get("x-supernet-replica")
+                if response.status_code != 200:
+                    self.error = json.loads(await response.aread())["error"]
+                    return
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if line == "data: [DONE]":
+                        self.done = True
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        self.error = event["error"]
+                    elif event.get("usage"):
+                        self.tokens = event["usage"]["completion_tokens"]
+                    if event.get("choices") and event["choices"][0]["text"]:
+                        self.first_token.set()
+        finally:
+            self.first_token.set()  # never leave the test waiting on a stream that ended early
+
+
+LONG = {"model": "tiny", "prompt": "def fibonacci(n):", "max_tokens": 1500, "temperature": 0, "ignore_eos": True,
+        "stream_options": {"include_usage": True}}
+SHORT = {"model": "tiny", "prompt": "import os\n", "max_tokens": 4, "temperature": 0}
+
+
+def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_and_the_other_serves_on(faulty):
+    async def main():
+        async with httpx.AsyncClient(base_url=faulty, timeout=NEVER_HANGS_S) as http:
+            streams = [Stream() for _ in range(6)]
+            tasks = [asyncio.create_task(s.run(http, LONG)) for s in streams]
+            await asyncio.wait_for(asyncio.gather(*(s.first_token.wait() for s in streams)), NEVER_HANGS_S)
+            replicas = {s.replica for s in streams}
+            assert len(replicas) == 2 and all(s.status == 200 for s in streams), [(s.status, s.error) for s in streams]
+            dead = streams[0].replica
+            kill_replica("faulty", dead)
+            # Every stream ends; none hangs (gather would time out, failing the test).
+            await asyncio.wait_for(asyncio.gather(*tasks), NEVER_HANGS_S)
+            # The failure has been seen: from now on nothing goes to the dead replica.
+            after = [await http.post("/v1/completions", json=SHORT) for _ in range(6)]
+            return streams, dead, after
+
+    streams, dead, after = asyncio.run(main())
+    on_dead = [s for s in streams if s.replica == dead]
+    on_live = [s for s in streams if s.replica != dead]
+    for s in on_dead:  # an explicit error event, then [DONE]
+        assert s.error is not None and s.error["code"] == "worker_unavailable" and s.done, vars(s)
+    for s in on_live:  # untouched: every token
+        assert s.error is None and s.done and s.tokens == LONG["max_tokens"], vars(s)
+    assert [r.status_code for r in after] == [200] * 6, [r.text for r in after]
+    assert dead not in {r.headers["x-supernet-replica"] for r in after}
+
+
+def test_with_one_replica_a_request_after_its_death_fails_explicitly_until_serve_replaces_it(lonely):
+    first = httpx.post(f"{lonely}/v1/completions", json=SHORT, timeout=NEVER_HANGS_S)
+    assert first.status_code == 200, first.text
+    kill_replica("lonely", first.headers["x-supernet-replica"])
+    deadline, statuses = time.monotonic() + RESTART_WITHIN_S, []
+    while time.monotonic() < deadline:
+        response = httpx.post(f"{lonely}/v1/completions", json=SHORT, timeout=NEVER_HANGS_S)
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            break
+        # Until the replacement runs: an explicit, retryable error, never a hang or a bare 500.
+        assert response.status_code == 503 and response.json()["error"]["code"] == "worker_unavailable", \
+            response.text
+        assert "Retry-After" in response.headers
+        time.sleep(1)
+    assert statuses[-1] == 200, f"no answer {RESTART_WITHIN_S} s after the replica died: {statuses}"
+    assert response.headers["x-supernet-replica"] != first.headers["x-supernet-replica"]
