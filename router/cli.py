@@ -176,7 +176,13 @@ def run_serve(args) -> int:
     app = build_app(config, listen=(args.host, args.port))  # resolves (first run: makes) the checkpoint
     ray.init(include_dashboard=False, log_to_driver=False, _metrics_export_port=args.metrics_port)
     serve.start(proxy_location="Disabled")
-    serve.run(app, name="supernet-router", route_prefix="/")
+    serve_log = logging.getLogger("ray.serve")
+    level = serve_log.level
+    serve_log.setLevel(logging.WARNING)  # Serve's "ready at" line names its (disabled) proxy's port, not ours
+    try:
+        serve.run(app, name="supernet-router", route_prefix="/")
+    finally:
+        serve_log.setLevel(level)
     url = f"http://{args.host}:{args.port}"
     print(f"supernet-router is serving at {url}  (Ctrl-C stops it)")
     print(f"metrics (Prometheus text): {url}/metrics (the supernet_* series, as the dashboards name them); "
