@@ -125,6 +125,7 @@ class WorkerStreams:
     def _fail(self, replica_id: str | None, reason: str) -> None:
         for tokens in [t for t in self._requests.values() if t.replica_id == replica_id]:
             tokens.queue.put_nowait(WorkerUnavailable(reason))
+            self.abort(tokens)  # if the replica lives on (only the stream broke), it stops computing them
 
     async def _quietly(self, call, request_id: str) -> None:
         try:
