@@ -3,11 +3,10 @@
 Streams ``--streams`` completions of ``--tokens`` tokens at once (after a warm-up) and prints HTTP
 tokens/s; the engine's own decode tokens/s at that batch (``engine_``: the worker's full-batch decode
 steps during the HTTP run; ``alone_``: the same engine stepped in this process afterwards, nothing else
-running); and the CPU ms (utime + stime from /proc, streaming phase only) per streamed token of the
-ingress replica, the Serve HTTP proxy and the worker replica. One JSON line.
-
-The service is the default one, as ``supernet-router serve`` runs it: the ingress serves HTTP itself
-(``path: "ingress"``, proxy 0). ``--serve-proxy``: through Serve's HTTP proxy instead (the Helm chart's).
+running; ``alone_cpu_ms_per_token``: its CPU time, the comparison a busy machine leaves intact); and the CPU
+ms (utime + stime from /proc, streaming phase only) per streamed token of the ingress replica, the Serve
+HTTP proxy and the worker replica. One JSON line. As ``supernet-router serve`` runs it, the ingress serves HTTP
+itself (``path: "ingress"``, proxy 0); ``--serve-proxy``: through Serve's HTTP proxy (the Helm chart's path).
 
     .venv/bin/python bench/stream_cpu.py --streams 32 --tokens 200
 """
@@ -55,8 +54,9 @@ async def poll_steps(handle, stop: asyncio.Event, steps: dict) -> None:
         await asyncio.sleep(0.2)
 
 
-def engine_alone(config, streams: int, tokens: int, prompt: str) -> float:
-    """Decode tokens/s of the engine itself at batch ``streams``: the worker's engine, stepped here."""
+def engine_alone(config, streams: int, tokens: int, prompt: str) -> tuple[float, float]:
+    """Decode tokens/s of the engine itself at batch ``streams`` (the worker's engine, stepped here), and its
+    CPU ms per token (this process's, robust to a busy machine where the wall-clock rate is not)."""
     from router.app import worker_spec
     from router.config import resolve_checkpoint
     from workers.deployment import build_engine
@@ -70,13 +70,15 @@ def engine_alone(config, streams: int, tokens: int, prompt: str) -> float:
     for _ in range(streams):
         engine.add_request(Request(ids, engine.model.config.placement(code),
                                    SamplingParams(max_tokens=tokens, ignore_eos=True)))
-    rows, seconds = 0, 0.0
+    rows, seconds, cpu = 0, 0.0, 0.0
     while engine.has_work():
+        cpu_before = time.process_time()
         engine.step()
         step = engine.stats().recent_steps[-1]
         if step.num_prefill_tokens == 0 and step.num_rows == streams:
             rows, seconds = rows + step.num_generated, seconds + step.seconds
-    return rows / seconds
+            cpu += time.process_time() - cpu_before
+    return rows / seconds, 1000 * cpu / rows
 
 
 def main() -> None:
@@ -125,19 +127,20 @@ def main() -> None:
 
     tokens, elapsed, cpu, steps = asyncio.run(measured())
     ray.shutdown()
-    alone_tps = engine_alone(config, args.streams, args.tokens, body["prompt"])
+    alone_tps, alone_cpu_ms = engine_alone(config, args.streams, args.tokens, body["prompt"])
     total, events = sum(t for t, _ in tokens), sum(e for _, e in tokens)
     full = [s for s in steps if s["num_prefill_tokens"] == 0 and s["num_rows"] == args.streams]
     engine_tps = sum(s["num_generated"] for s in full) / sum(s["seconds"] for s in full) if full else None
     ms = {role: round(1000 * seconds / total, 4) for role, seconds in cpu.items()}
     print(json.dumps({
-        "bench": "stream_cpu", "path": "serve-proxy" if args.serve_proxy else "ingress", "streams": args.streams, "tokens": args.tokens, "streamed_tokens": total,
-        "sse_events": events, "http_tokens_per_s": round(total / elapsed, 1),
+        "bench": "stream_cpu", "path": "serve-proxy" if args.serve_proxy else "ingress", "streams": args.streams,
+        "tokens": args.tokens, "streamed_tokens": total, "sse_events": events, "http_tokens_per_s": round(total / elapsed, 1),
         "engine_tokens_per_s": engine_tps and round(engine_tps, 1), "alone_tokens_per_s": round(alone_tps, 1),
         "http_over_alone": round(total / elapsed / alone_tps, 3),
         **{f"{role}_cpu_ms_per_token": value for role, value in ms.items()},
         "ingress_plus_proxy_ms": round(ms["ingress"] + ms["proxy"], 4), "alone_ms_per_token": round(1000 / alone_tps, 4),
         "worker_over_alone": round(ms["worker"] * alone_tps / 1000, 3),
+        "alone_cpu_ms_per_token": round(alone_cpu_ms, 4), "worker_over_alone_cpu": round(ms["worker"] / alone_cpu_ms, 3),
         "proxy_cpu_ms_per_event": round(1000 * cpu["proxy"] / events, 4), "load_1min": os.getloadavg()[0],
     }))
 
