@@ -53,7 +53,8 @@ def worker_spec(config: AppConfig, checkpoint: str) -> WorkerSpec:
     return WorkerSpec(checkpoint=checkpoint, device=config.model.device, dtype=config.model.dtype,
                       num_threads=max(1, int(worker.num_cpus)), cache_budget_bytes=worker.cache_budget_bytes,
                       gpu_memory_fraction=worker.gpu_memory_fraction, max_prefill_tokens=worker.max_prefill_tokens,
-                      max_running=worker.max_running,
+                      max_running=worker.max_running, fault_injection=worker.fault_injection,
+                      check_invariants=worker.check_invariants,
                       max_open_requests=worker.max_ongoing_requests + worker.max_queued_requests)
 
 

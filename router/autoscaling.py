@@ -9,7 +9,9 @@ timing). Every ``interval_s`` the policy reads the signals and decides:
   never waits on the network; results older than three intervals count as no data);
 - without: the replicas' own windowed stats (``record_autoscaling_stats`` -> ``ctx.aggregated_metrics``).
 
-The decision, its reason and its inputs are exported as supernet_autoscaler_* metrics.
+The decision, its reason and its inputs are exported as supernet_autoscaler_* metrics. With Prometheus
+down (or its last answer older than three intervals) the count holds and the reason says so:
+``prometheus-unavailable`` (``no-signals`` is an answer with no data in it).
 """
 
 from __future__ import annotations
@@ -164,6 +166,7 @@ class SupernetAutoscalingPolicy:
         self.config = scaling_config(self.settings)
         self._source: PrometheusSource | None = None
         self._recorder: Recorder | None = None
+        self.last_decision: tuple[int, str] | None = None  # (replicas, reason) of the last evaluation
 
     def __call__(self, ctx) -> tuple[int, dict]:
         now = ctx.current_time or time.time()
@@ -178,10 +181,14 @@ class SupernetAutoscalingPolicy:
                                    self.settings.window_s)
         state = ScalingState(**{k: v for k, v in saved.items() if k in _STATE_FIELDS})
         replicas, state, reason = decide(signals, state, self.config)
+        if raw is None and reason == "no-signals":  # not "nothing to report": no fresh answer at all
+            reason = "prometheus-unavailable"
+        self.last_decision = (replicas, reason)
         self._report(ctx, signals, replicas, reason)
         return replicas, {"supernet": {**dataclasses.asdict(state), "evaluated_at": now}}
 
     def _raw(self, ctx) -> dict[str, float] | None:
+        """The raw sums; None when Prometheus gave no answer fresher than three intervals (down, or slow)."""
         if self.settings.prometheus_url is None:
             return in_process_raw(ctx.aggregated_metrics)
         if self._source is None:

@@ -53,6 +53,11 @@ class WorkerSettings(_Strict):
     gpu_memory_fraction: float = Field(0.8, gt=0, le=1, description="Share of free GPU memory for caches.")
     max_prefill_tokens: int = Field(256, ge=1, description="Prompt tokens per step; longer prompts are chunked.")
     max_running: int = Field(64, ge=1, description="Rows one step may run.")
+    fault_injection: bool = Field(False, description="Let chaos tests make the next model steps fail "
+                                  "(WorkerServer.inject_step_faults, through the deployment handle). Never in "
+                                  "production.")
+    check_invariants: bool = Field(False, description="Check the engine's bookkeeping after every step (tests, "
+                                   "chaos runs: costs CPU per step).")
 
 
 class IngressSettings(_Strict):

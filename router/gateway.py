@@ -51,6 +51,7 @@ class Prepared:
     draft: Placement | None = None  # speculate: the draft placement, proposing draft_tokens per verify step
     draft_tokens: int = 0
     served_by: str | None = None  # the replica that answered (its first message says)
+    ended: bool = False  # Gateway.done ran
 
     @property
     def preset_label(self) -> str:
@@ -81,6 +82,7 @@ class Gateway:
         self.default_preset = config.routing.default_preset or best
         self.api_keys = load_api_keys(config)
         self.replicas = replicas  # Serve's running replicas, with their routing stats
+        self.in_flight = 0  # prepared and not done: accepted requests that have not ended yet
         self.routing: RoutingService | None = None
         if config.tables.speed is not None:
             infos = [PresetInfo(n, self.placements[n], p.quality) for n, p in self.presets.items()]
@@ -139,6 +141,7 @@ class Gateway:
             prepared.draft_tokens = routing.draft_tokens
         if self.routing is not None:
             self.routing.dispatched(replica, prepared.request_id)
+        self.in_flight += 1
         return prepared
 
     def served(self, prepared: Prepared, first_at: float | None, tokens: int) -> None:
@@ -151,13 +154,18 @@ class Gateway:
         tpot_ms = 1000 * (now - first_at) / (tokens - 1) if tokens > 1 else None
         policy.observe(prepared.raw_prediction, ttft_ms, tpot_ms)
 
-    def done(self, prepared: Prepared, error: BaseException | None = None) -> None:
-        """The request ended (``error``: how it failed)."""
+    def done(self, prepared: Prepared, error: BaseException | None = None) -> bool:
+        """The request ended (``error``: how it failed). Idempotent: False if it had already ended."""
+        if prepared.ended:
+            return False
+        prepared.ended = True
+        self.in_flight -= 1
         if self.routing is not None:
             self.routing.finished(prepared.replica_id, prepared.request_id)
         if error is not None and replica_died(error):
             log.warning("worker replica %s died under request %s", prepared.served_by or prepared.replica_id,
                         prepared.request_id)
+        return True
 
     def _sla(self, sla: Sla | None, headers: dict[str, str]) -> Sla | None:
         values = sla.model_dump() if sla else {}

@@ -99,6 +99,22 @@ async def collect(first, rest) -> tuple[str, int, str | None]:
     return "".join(parts), tokens, finish
 
 
+class EndingStreamingResponse(StreamingResponse):
+    """A streaming response that always closes its body and then calls ``ended``: Starlette never starts the
+    body of a client that left before the response began, so the body's own cleanup would never run."""
+
+    def __init__(self, content, ended, **kwargs):
+        super().__init__(content, **kwargs)
+        self._ended = ended
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+            self._ended()
+
+
 def _id(prepared: Prepared, chat: bool) -> str:
     return f"{'chatcmpl' if chat else 'cmpl'}-{prepared.request_id}"
 
@@ -161,17 +177,22 @@ class Ingress:
             self.gateway.authorize(request.headers.get("authorization"))
             body = parse(model, await read_json(request, self.config.ingress.max_body_bytes))
             prepared = self.gateway.prepare(body, {k.lower(): v for k, v in request.headers.items()})
+            self.metrics.in_flight(self.gateway.in_flight)
             self.metrics.routed(prepared, time.monotonic() - prepared.started)
             events = await self.streams.submit(self.gateway.worker_request(prepared))  # admission errors raise
             first, rest = await first_and_rest(events)  # and so do failures before the first token
             first_at = time.monotonic()
-        except BaseException as exc:  # noqa: BLE001: every error maps to a status at this boundary
+        except asyncio.CancelledError:  # the client left before the first token
             if events is not None:
                 events.close()  # aborts the request on its worker unless it ended
+            if prepared is not None and self._done(prepared):
+                self.metrics.finished(prepared, "cancelled", None, 0)
+            raise
+        except Exception as exc:  # noqa: BLE001: every error maps to a status at this boundary
+            if events is not None:
+                events.close()
             if prepared is not None:
-                self.gateway.done(prepared, exc)
-            if not isinstance(exc, Exception):
-                raise  # cancelled: the client left before the first token
+                self._done(prepared, exc)
             error = as_supernet_error(exc)
             self.metrics.refused(prepared, error.http_status, error.headers.get(SHED_REASON_HEADER))
             return error_response(error)
@@ -181,17 +202,22 @@ class Ingress:
         if body.stream:
             writer = SseWriter(_id(prepared, chat), prepared.model, chat, len(prepared.prompt_ids),
                                body.stream_options)
-            return StreamingResponse(self._sse(prepared, first, rest, writer, first_at),
-                                     media_type="text/event-stream", headers=headers)
+            return EndingStreamingResponse(self._sse(prepared, first, rest, writer, first_at),
+                                           lambda: self._left_early(prepared, events, first_at),
+                                           media_type="text/event-stream", headers=headers)
         try:
             text, tokens, finish = await collect(first, rest)
         except Exception as exc:  # noqa: BLE001
-            self.gateway.done(prepared, exc)
+            self._done(prepared, exc)
             self.metrics.finished(prepared, "error", first_at, 0)
             return error_response(exc)
+        except asyncio.CancelledError:
+            if self._done(prepared):
+                self.metrics.finished(prepared, "cancelled", first_at, 0)
+            raise
         finally:
             rest.close()  # aborts the request unless it finished (the client left: this task was cancelled)
-        self.gateway.done(prepared)
+        self._done(prepared)
         self.metrics.finished(prepared, "ok", first_at, tokens)
         self.gateway.served(prepared, first_at, tokens)
         self.gateway.log_done(prepared, tokens, finish)
@@ -223,12 +249,23 @@ class Ingress:
             yield writer.event(error_body(as_supernet_error(exc)))
         finally:
             rest.close()  # aborts the request unless it finished
-            self.gateway.done(prepared, failure)
+            self._done(prepared, failure)
             self.metrics.finished(prepared, outcome, first_at, tokens)
             if outcome == "ok":
                 self.gateway.served(prepared, first_at, tokens)
         yield writer.end(tokens)
         self.gateway.log_done(prepared, tokens, finish)
+
+    def _done(self, prepared: Prepared, error: BaseException | None = None) -> bool:
+        ended = self.gateway.done(prepared, error)
+        self.metrics.in_flight(self.gateway.in_flight)
+        return ended
+
+    def _left_early(self, prepared: Prepared, events, first_at: float) -> None:
+        """The response ended without its body running to the end (the client left before it started)."""
+        if self._done(prepared):
+            events.close()  # aborts the request on its worker (its cache is freed at the next step)
+            self.metrics.finished(prepared, "cancelled", first_at, 0)
 
     def _start_replica_metrics(self) -> None:
         """The per-replica routing view (calibration, predicted/measured step) as gauges, every stats period."""

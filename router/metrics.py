@@ -40,6 +40,7 @@ SPECS = {
                                       ("preset",), None),
     "supernet_router_overhead_seconds": ("histogram", "Ingress time before the worker call: validation, "
                                                       "tokenization, routing.", ("preset",), _OVERHEAD_S),
+    "supernet_requests_in_flight": ("gauge", "Requests an ingress replica accepted and has not ended yet.", (), None),
     "supernet_calibration_factor": ("gauge", "Measured / predicted step time per worker replica.", ("replica",), None),
     "supernet_predicted_step_seconds": ("gauge", "Predicted decode step of a replica's running batch.",
                                         ("replica",), None),
@@ -139,6 +140,10 @@ class RequestMetrics:
 
     def __init__(self, recorder: Recorder):
         self.recorder = recorder
+
+    def in_flight(self, count: int) -> None:
+        """Requests this ingress accepted and has not ended yet."""
+        self.recorder.set("supernet_requests_in_flight", count)
 
     def routed(self, prepared, overhead_s: float) -> None:
         preset = prepared.preset_label

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from policies.errors import EngineFailure, WorkerUnavailable
+from policies.errors import ConfigError, EngineFailure, WorkerUnavailable
 from policies.placement import Placement
 from workers.engine import AsyncEngine, Engine, EngineConfig, Request, ServingEngine
 from workers.model.loader import load_checkpoint
@@ -47,6 +47,8 @@ class WorkerSpec:
     max_prefill_tokens: int = 256
     max_running: int = 64
     max_open_requests: int = 128  # accepted requests (running or waiting in the engine); more: Overloaded
+    fault_injection: bool = False  # chaos tests may arm step failures (inject_step_faults)
+    check_invariants: bool = False  # the engine checks its bookkeeping after every step
 
 
 def build_engine(spec: WorkerSpec) -> Engine:
@@ -63,7 +65,8 @@ def build_engine(spec: WorkerSpec) -> Engine:
         dtype = getattr(torch, spec.dtype)
     model = load_checkpoint(spec.checkpoint, device=device, dtype=dtype)
     config = EngineConfig(cache_budget_bytes=spec.cache_budget_bytes, gpu_memory_fraction=spec.gpu_memory_fraction,
-                          max_prefill_tokens=spec.max_prefill_tokens, max_running=spec.max_running)
+                          max_prefill_tokens=spec.max_prefill_tokens, max_running=spec.max_running,
+                          check_invariants=spec.check_invariants)
     return Engine(model, config, Tokenizer.load(spec.checkpoint))
 
 
@@ -228,6 +231,16 @@ class WorkerServer:
     async def stats(self) -> dict:
         self._ensure_started()
         return dataclasses.asdict(self.engine.stats())
+
+    def inject_step_faults(self, steps: int = 1) -> int:
+        """Chaos tests: the next ``steps`` model steps fail as on a GPU out of memory (their rows end with an
+        error; the engine serves on). Refused unless the spec allows it. Returns the steps now armed."""
+        faults = getattr(self.engine, "faults", None)
+        if not self.spec.fault_injection or faults is None:
+            raise ConfigError("fault injection is off for this worker: set worker.fault_injection: true "
+                              "(chaos tests only)")
+        faults.arm(steps)
+        return faults.armed
 
     def record_routing_stats(self) -> dict:
         """What the router needs of this replica's load, pushed by Serve every routing stats period."""

@@ -3,7 +3,9 @@ with one. Real processes, real HTTP clients; every bound here is a "never hangs"
 normal time (seconds), not a speed claim.
 
 Two applications on the session's Serve: "faulty" (budget routing over two worker replicas of at most 3
-requests each, so that 6 streams land 3 and 3) and "lonely" (one worker replica).
+requests each, so that 6 streams land 3 and 3) and "lonely" (one worker replica of 3 rows, which checks
+its engine's bookkeeping after every step and lets the test make model steps fail). Its tests run in file
+order: a failing step, a client that leaves, then the replica killed.
 """
 
 from __future__ import annotations
@@ -50,8 +52,10 @@ def faulty(serve_cluster, routed_tables, tiny_checkpoint):
 def lonely(serve_cluster, tiny_checkpoint):
     from ray import serve
 
-    deploy("lonely", {"model": {"checkpoint": str(tiny_checkpoint)}, "presets": PRESETS, "ingress": {"model_name": "tiny"},
-                      "worker": {"num_replicas": 1, "num_cpus": 0.5, "cache_budget_bytes": 64 * 2**20}})
+    deploy("lonely", {"model": {"checkpoint": str(tiny_checkpoint)}, "presets": PRESETS,
+                      "ingress": {"model_name": "tiny"},
+                      "worker": {"num_replicas": 1, "num_cpus": 0.5, "cache_budget_bytes": 64 * 2**20,
+                                 "max_running": 3, "fault_injection": True, "check_invariants": True}})
     yield f"{serve_cluster.url}/lonely"
     serve.delete("lonely")
 
@@ -126,6 +130,108 @@ def test_a_replica_killed_mid_stream_ends_its_streams_with_an_error_and_the_othe
         assert s.error is None and s.done and s.tokens == LONG["max_tokens"], vars(s)
     assert [r.status_code for r in after] == [200] * 6, [r.text for r in after]
     assert dead not in {r.headers["x-supernet-replica"] for r in after}
+
+
+def worker_stats(app: str) -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("SupernetWorker", app_name=app).stats.remote().result()
+
+
+def wait_for(condition, timeout_s: float = NEVER_HANGS_S, period_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(period_s)
+    return value
+
+
+def test_a_failing_model_step_ends_exactly_its_requests_and_the_worker_serves_on(lonely):
+    from ray import serve
+
+    before = worker_stats("lonely")["finished"]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=lonely, timeout=NEVER_HANGS_S) as http:
+            running = [Stream() for _ in range(3)]  # every row of the replica
+            tasks = [asyncio.create_task(s.run(http, LONG)) for s in running]
+            await asyncio.wait_for(asyncio.gather(*(s.first_token.wait() for s in running)), NEVER_HANGS_S)
+            queued = Stream()  # waits for a row: not in the failing step
+            tasks.append(asyncio.create_task(queued.run(http, {**LONG, "max_tokens": 20})))
+            assert await asyncio.to_thread(wait_for, lambda: worker_stats("lonely")["waiting"])
+            handle = serve.get_deployment_handle("SupernetWorker", app_name="lonely")
+            assert await handle.inject_step_faults.remote(1) == 1
+            await asyncio.wait_for(asyncio.gather(*tasks), NEVER_HANGS_S)
+            after = await http.post("/v1/completions", json=SHORT)
+            return running, queued, after
+
+    running, queued, after = asyncio.run(main())
+    for s in running:  # an explicit error event naming the failure, then [DONE]
+        assert s.error is not None and s.error["code"] == "engine_failure" and s.done, vars(s)
+        assert "OutOfMemoryError" in s.error["message"]
+    assert queued.error is None and queued.tokens == 20 and queued.done, vars(queued)
+    assert after.status_code == 200
+    stats = worker_stats("lonely")  # the engine checked its bookkeeping after every step (check_invariants)
+    assert stats["cache_used_bytes"] == 0 and not stats["running"] and not stats["waiting"]
+    assert stats["finished"]["error"] - before["error"] == 3
+
+
+def test_a_client_that_leaves_mid_stream_aborts_its_request_and_frees_its_cache(lonely):
+    before = worker_stats("lonely")["finished"]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=lonely, timeout=NEVER_HANGS_S) as http:
+            body = {**LONG, "max_tokens": 4000, "stream": True}
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and '"text":"' in line.replace(" ", ""):
+                        break  # a token arrived: leave, closing the connection
+
+    asyncio.run(main())
+    assert wait_for(lambda: worker_stats("lonely")["finished"]["abort"] > before["abort"]), \
+        "the engine never aborted the request of a client that left"
+    stats = worker_stats("lonely")
+    assert stats["cache_used_bytes"] == 0 and not stats["running"]
+    assert stats["finished"]["length"] == before["length"]  # aborted, not run to its end
+
+
+def in_flight(cluster, app: str) -> float | None:
+    """The ingress's supernet_requests_in_flight for ``app``, from Ray's metrics port (None: not exported yet)."""
+    text = httpx.get(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=30).text
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("ray_supernet_requests_in_flight{") and f'application="{app}"' in line]
+    return sum(values) if values else None
+
+
+def test_clients_that_leave_early_leave_nothing_in_flight_and_no_cache(lonely, serve_cluster):
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(lonely)
+    body = json.dumps({**LONG, "max_tokens": 200, "stream": True}).encode()
+    before = worker_stats("lonely")["finished"]
+
+    async def main():
+        async with httpx.AsyncClient(base_url=lonely, timeout=NEVER_HANGS_S) as http:
+            running = [Stream() for _ in range(3)]  # every row busy: the next requests would wait
+            tasks = [asyncio.create_task(s.run(http, {**LONG, "max_tokens": 4000})) for s in running]
+            await asyncio.wait_for(asyncio.gather(*(s.first_token.wait() for s in running)), NEVER_HANGS_S)
+            for _ in range(4):  # send a request, then hang up at once (before any byte of the response)
+                with socket.create_connection((url.hostname, url.port)) as sock:
+                    sock.sendall(f"POST {url.path}/v1/completions HTTP/1.1\r\nHost: x\r\n"
+                                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                                 + body)
+            await asyncio.to_thread(wait_for, lambda: in_flight(serve_cluster, "lonely") == 3)
+            for task in tasks:  # then the three streams' clients leave mid-stream
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+    assert wait_for(lambda: in_flight(serve_cluster, "lonely") == 0), in_flight(serve_cluster, "lonely")
+    assert wait_for(lambda: not (s := worker_stats("lonely"))["running"] and s["cache_used_bytes"] == 0)
+    finished = worker_stats("lonely")["finished"]
+    assert finished["abort"] - before["abort"] >= 3 and finished["length"] == before["length"], (before, finished)
+    assert not worker_stats("lonely")["waiting"]
 
 
 def test_with_one_replica_a_request_after_its_death_fails_explicitly_until_serve_replaces_it(lonely):

@@ -141,6 +141,11 @@ class AsyncEngine:
         self._queues.pop(request_id, None)
         self.abort(request_id)
 
+    @property
+    def faults(self):
+        """The engine's ``StepFaults`` (chaos tests arm it)."""
+        return self.engine.faults
+
     def stats(self) -> EngineStats:
         return self.engine.stats()
 

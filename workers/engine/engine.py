@@ -19,13 +19,14 @@ from policies.errors import ConfigError, InvalidRequest
 from workers.engine.admission import AdmissionCheck
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import Decoder, Detokenizer
+from workers.engine.faults import StepFaults
 from workers.engine.request import Request, TokenEvent
 from workers.engine.pool import CachePool
 from workers.engine.runner import ModelRunner, free_device_bytes
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import Sequence, Status
 from workers.engine.speculation import RowKind
-from workers.engine.stats import EngineStats, SequenceStats, SpeculationStats, StepRecord
+from workers.engine.stats import EngineStats, FinishCounts, SequenceStats, SpeculationStats, StepRecord
 from workers.model.supernet import SupernetLM
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class Engine:
         self.runner = ModelRunner(model, self.pool, self.config.decode_graphs)
         self.scheduler = Scheduler(self.pool.usable_bytes, self.config.max_prefill_tokens, self.config.max_running)
         self.admission = AdmissionCheck(model, self.memory, self.pool.usable_bytes, has_tokenizer=tokenizer is not None)
+        self.faults = StepFaults()  # chaos tests arm it: the next model steps raise
         self._lock = threading.Lock()  # guards the three fields below
         self._inbox: list[tuple[str, Sequence]] = []  # ("add" | "abort", sequence), in call order
         self._active: dict[str, Sequence] = {}  # submitted and not finished
@@ -58,6 +60,7 @@ class Engine:
         self._steps: deque[StepRecord] = deque(maxlen=self.config.step_history)
         self._speculation: dict[tuple[str, str], list[int]] = {}  # (target, draft) -> SpeculationStats' counts
         self._num_steps = 0
+        self._finished = dict.fromkeys(("stop", "length", "abort", "error"), 0)  # FinishCounts' fields
         self._snapshot = self._make_stats()
 
     @property
@@ -125,6 +128,7 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch.num_rows:
             try:
+                self.faults.check()
                 tokens = self.runner.run(batch)
             except Exception as exc:  # the rows' caches are now partly written: end exactly those streams
                 log.exception("model step over %d rows failed", batch.num_rows)
@@ -239,6 +243,7 @@ class Engine:
         self.scheduler.finish(sequence)
         self.runner.release(sequence)
         sequence.finish_reason = reason
+        self._finished[reason] += 1
         with self._lock:
             self._active.pop(sequence.request_id, None)
         return TokenEvent(sequence.request_id, None, "", reason, error)
@@ -254,6 +259,7 @@ class Engine:
             taken_at=time.monotonic(),
             speculation=tuple(SpeculationStats(target, draft, *counts)
                               for (target, draft), counts in self._speculation.items()),
+            finished=FinishCounts(**self._finished),
         )
 
 

@@ -62,6 +62,17 @@ class SpeculationStats:
 
 
 @dataclass(frozen=True, slots=True)
+class FinishCounts:
+    """Requests ended since the engine started, by how: end of sequence or a stop string, max_tokens, aborted
+    (the client left, or a cancel), failed (a model step, an allocation or the detokenizer)."""
+
+    stop: int = 0
+    length: int = 0
+    abort: int = 0
+    error: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class EngineStats:
     waiting: tuple[SequenceStats, ...]  # in admission order (FIFO)
     running: tuple[SequenceStats, ...]
@@ -71,6 +82,7 @@ class EngineStats:
     num_steps: int  # steps that ran the model since start
     taken_at: float  # time.monotonic() when the snapshot was made
     speculation: tuple[SpeculationStats, ...] = ()  # cumulative, one per (target, draft) pair seen
+    finished: FinishCounts = FinishCounts()
 
     @property
     def cache_free_bytes(self) -> int:

@@ -8,6 +8,7 @@ import pytest
 from policies.errors import ConfigError, ContextTooLong, InvalidPlacement, InvalidRequest
 from policies.placement import Placement
 from workers.engine import Engine, EngineConfig, EngineStats, Request
+from workers.engine.stats import FinishCounts
 from workers.sampling import SamplingParams
 
 from .conftest import PAGE_TOKENS, pool_budget
@@ -191,6 +192,24 @@ def test_a_failed_model_step_ends_exactly_its_rows_with_an_error(make_engine, ma
     rest = engine.run_until_idle()
     assert {e.request_id for e in rest} == {late.request_id} and rest[-1].finish_reason in ("length", "stop")
     assert engine.stats().cache_used_bytes == 0
+
+
+def test_an_injected_out_of_memory_fails_one_step_and_the_engine_serves_on(make_engine, make_request):
+    engine = make_engine(max_running=2)  # invariants checked after every step
+    running = [make_request("ASGKAS", max_tokens=8, ignore_eos=True) for _ in range(2)]
+    queued = make_request("GGGGGG", max_tokens=3, ignore_eos=True)  # no row for it until one ends
+    for request in (*running, queued):
+        engine.add_request(request)
+    engine.step()
+    engine.faults.arm(1)
+    events = engine.step()
+    assert {e.request_id: e.finish_reason for e in events} == {r.request_id: "error" for r in running}
+    assert all("OutOfMemoryError" in e.error for e in events)
+    assert engine.faults.armed == 0
+    rest = engine.run_until_idle()
+    assert [e.finish_reason for e in rest if e.request_id == queued.request_id][-1] == "length"
+    stats = engine.stats()
+    assert stats.finished == FinishCounts(length=1, error=2) and stats.cache_used_bytes == 0
 
 
 @pytest.mark.parametrize("seed", range(3))
