@@ -10,9 +10,26 @@ import time
 import httpx
 import pytest
 
-from tests.e2e.conftest import PRESETS, free_port
+from tests.e2e.conftest import PRESETS
 
 NEVER_HANGS_S = 120.0
+
+
+def listen_port() -> int:
+    """A free port below the kernel's ephemeral range: a port the kernel handed out (``free_port``) can be
+    taken again by any outgoing connection before the ingress binds it, on a machine busy with Ray's."""
+    import random
+    import socket
+
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    for port in random.Random().sample(range(20000, max(20001, low)), 50):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +39,7 @@ def direct(serve_cluster, tiny_checkpoint):
     from router.app import build_app
     from router.config import AppConfig
 
-    port = free_port()
+    port = listen_port()
     config = {"model": {"checkpoint": str(tiny_checkpoint)}, "presets": PRESETS,
               "worker": {"cache_budget_bytes": 64 * 2**20}}
     serve.run(build_app(AppConfig.from_dict(config), listen=("127.0.0.1", port)), name="direct",
