@@ -8,7 +8,7 @@
 #   2. on the GPU (device `run`, carry .whl):  bash bench/engine_gpu.sh first    # tests + 15B speed table, ~4-6 min
 #   3. on the GPU (device `run`, carry .whl):  bash bench/engine_gpu.sh bench    # the 15B engine run, ~3-6 min
 #   4. here, with the files of steps 2 and 3:  bash bench/engine_gpu.sh record DIR2 DIR3
-#   5. here (CPU, ~10 min):                    bash bench/engine_gpu.sh simulate  # issue 6 on the measured table
+#   5. here (CPU, ~30 min):                    bash bench/engine_gpu.sh simulate  # issues 6 and 19 on the measured table
 #   6. here (CPU, seconds):                    bash bench/engine_gpu.sh speculation  # issue 16 on the measured table
 # (`tests` and `profile` run step 2's halves alone.) Fifteen minutes of device time hold steps 2 and 3 and
 # one machine start; give the machine back after step 3.
@@ -102,6 +102,24 @@ simulate)  # issue 6: the simulator on the measured table instead of the rooflin
     OMP_NUM_THREADS=1 .venv/bin/python bench/report.py run simulate -- --speed "$table" --requests 600 \
         --loads 2,4,5,6,7,8 --stats-period 0.1 --plot docs/img/simulation.png \
         --out bench/results/simulation-sweep-measured.json
+    # issue 19: the autoscaling comparison (static peak fleet, scale-only, degrade-first) on the same table; the
+    # static fleet is sized by what one replica serves on all-attention within budgets on this table: where the
+    # sweep's fixed all-attention attainment crosses 95% (linear between loads), per replica (roofline: ~0.95/s).
+    rate=$(.venv/bin/python -c "import json, sys
+d = json.load(open(sys.argv[1]))
+pts = [(r['rate'], r['fixed:all-attention']['attainment']) for r in d['sweep']]
+at = pts[0][0]
+for (r0, a0), (r1, a1) in zip(pts, pts[1:]):
+    if a0 >= 0.95 > a1:
+        at = r0 + (r1 - r0) * (a0 - 0.95) / (a0 - a1)
+        break
+    if a1 >= 0.95:
+        at = r1
+print(round(at / d['replicas'], 3))" \
+        bench/results/simulation-sweep-measured.json)
+    OMP_NUM_THREADS=1 .venv/bin/python bench/report.py run autoscale_sim -- --speed "$table" --replica-rate "$rate" \
+        --jobs 2 --plot docs/img/autoscale-sim-measured.png --out bench/results/autoscale-sim-timeline-measured.json
+    .venv/bin/python bench/report.py render
     ;;
 *)
     sed -n '2,18p' "$0"

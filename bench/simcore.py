@@ -58,6 +58,11 @@ class SimReplica:
     used: int = 0
     busy: bool = False
     finished: list = field(default_factory=list)
+    busy_s: float = 0.0  # engine busy seconds so far (supernet_engine_busy_seconds_total)
+    # Decode time is recomputed when the decoding rows change and every ``reuse_steps`` steps (1: every step,
+    # exact; more: contexts grow one token a step, so a few steps at the same time cost a small error, fast).
+    reuse_steps: int = 1
+    _decode: tuple = (None, 0.0, 0)  # (the decoding rows' ids, their decode ms, steps it was reused)
 
     def admit(self) -> None:
         while self.waiting and self.waiting[0].cache_bytes <= self.budget - self.used:
@@ -66,10 +71,9 @@ class SimReplica:
             self.used += request.cache_bytes
             self.running.append(request)
 
-    def step(self, now: float, chunk: int) -> float:
-        """Advance one step from ``now``; returns its duration in seconds (tokens land at its end)."""
+    def _decode_ms(self, decoding: list[SimRequest]) -> float:
+        """One decode token for each of ``decoding``: the speed table's shared/head cost and its mixer grids."""
         p = self.predictor
-        decoding = [r for r in self.running if r.prefill_left == 0]
         width = p.num_layers * len(MIXERS)
         counts, totals = np.zeros(width), np.zeros(width)
         for r in decoding:
@@ -83,6 +87,19 @@ class SimReplica:
             busy = n > 0
             if busy.any():
                 ms += float(grid(n[busy], total[busy] / n[busy]).sum())
+        return ms
+
+    def step(self, now: float, chunk: int) -> float:
+        """Advance one step from ``now``; returns its duration in seconds (tokens land at its end)."""
+        p = self.predictor
+        decoding = [r for r in self.running if r.prefill_left == 0]
+        key, cached_ms, reused = self._decode
+        rows = tuple(map(id, decoding))
+        if rows == key and reused + 1 < self.reuse_steps:
+            ms, self._decode = cached_ms, (key, cached_ms, reused + 1)
+        else:
+            ms = self._decode_ms(decoding)
+            self._decode = (rows, ms, 0)
         budget, prefilled = chunk, []
         for r in self.running:  # prefill chunks in admission order, beside the decodes
             if r.prefill_left and budget:
@@ -97,6 +114,7 @@ class SimReplica:
         if budget < chunk:
             ms += p.chunk_fixed_ms * (chunk - budget) / chunk
         end = now + ms / 1000
+        self.busy_s += ms / 1000
         for r in decoding + prefilled:
             r.generated += 1
             if r.first_token is None:

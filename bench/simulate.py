@@ -44,6 +44,17 @@ def spread(counts: dict[str, int]) -> Placement:
     return Placement.parse([name for _, name in sorted(slots)])
 
 
+def predictor_for(path: Path | None) -> Predictor:
+    """The published presets (each mixer spread evenly over 48 layers) on a speed table (default: the roofline)."""
+    speed = read_speed_model(path) if path else None
+    if speed is None:
+        from policies.cost import SpeedModel
+        speed = SpeedModel.from_file(SpeedFile.model_validate(roofline_speed_dict(super_apriel_memory(48))))
+    presets = [PresetInfo(p.name, spread({m.value: n for m, n in p.counts().items() if n}), p.retention_pct / 100)
+               for p in PUBLISHED_PRESETS if p.name != "Idealized/All-6"]  # same counts as Lklhd-6
+    return Predictor(speed, presets)
+
+
 def workload(rate: float, count: int, seed: int) -> list[SimRequest]:
     rng, now, out = random.Random(seed), 0.0, []
     for _ in range(count):
@@ -119,14 +130,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/simulation-sweep.json"))
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
-    memory = super_apriel_memory(48)
-    speed = read_speed_model(args.speed) if args.speed else None
-    if speed is None:
-        from policies.cost import SpeedModel
-        speed = SpeedModel.from_file(SpeedFile.model_validate(roofline_speed_dict(memory)))
-    presets = [PresetInfo(p.name, spread({m.value: n for m, n in p.counts().items() if n}), p.retention_pct / 100)
-               for p in PUBLISHED_PRESETS if p.name != "Idealized/All-6"]  # same counts as Lklhd-6
-    predictor = Predictor(speed, presets)
+    predictor = predictor_for(args.speed)
     sweep = []
     for rate in [float(x) for x in args.loads.split(",")]:
         requests = workload(rate, args.requests, args.seed)

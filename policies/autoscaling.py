@@ -98,6 +98,30 @@ class ScalingState:
     changed_at: float | None = None  # the last change decide() asked for
 
 
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return num / den if num is not None and den else None
+
+
+def signals_from(raw: dict[str, float], replicas: int, running: int, now_s: float, window_s: float) -> Signals:
+    """Signals from raw sums (PromQL results, the replicas' stats or bench/autoscale_sim.py; the names of
+    ``router.autoscaling.queries``); absent: no data.
+    ``replicas``: the count in force (Serve's target); ``running``: the replicas running now."""
+    met, missed, shed = raw.get("met"), raw.get("missed"), raw.get("shed")
+    checks = sum(v for v in (met, missed, shed) if v is not None)
+    waiting, arrivals = raw.get("waiting"), raw.get("arrivals")
+    queue_wait = _ratio(waiting, arrivals)  # Little's law: mean wait = mean queue length / arrival rate
+    if queue_wait is None and waiting:
+        queue_wait = window_s  # a queue that nothing enters or leaves: stuck for the whole window
+    busy = raw.get("busy")
+    if busy is None and waiting is not None:
+        busy = 0.0  # the workers report, but no step ran yet
+    return Signals(now_s, replicas, sla_attainment=(met or 0.0) / checks if checks else None,
+                   ttft_s=raw.get("ttft"), tpot_s=raw.get("tpot"),
+                   queue_wait_s=queue_wait if queue_wait is not None else (0.0 if waiting == 0 else None),
+                   quality_debt=_ratio(raw.get("load_downgrades", 0.0), raw.get("routed")),
+                   utilisation=min(busy / max(running, 1), 1.0) if busy is not None else None)
+
+
 def pressure(signals: Signals, config: ScalingConfig) -> float:
     """Measured / target over the hard signals (0 when none has data); above 1 a budget is broken."""
     ratios = [0.0]

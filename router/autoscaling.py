@@ -25,7 +25,7 @@ import weakref
 
 import httpx
 
-from policies.autoscaling import ScalingConfig, ScalingState, Signals, decide
+from policies.autoscaling import ScalingConfig, ScalingState, Signals, decide, signals_from
 from router.config import AutoscalingSettings
 from router.metrics import Recorder
 
@@ -68,29 +68,6 @@ def queries(application: str, window_s: float) -> dict[str, str]:
         "routed": f'sum(increase(supernet_requests_total{{{app},preset!="none"}}[{w}]))',
         "busy": f"sum(rate(supernet_engine_busy_seconds_total{{{app}}}[{w}]))",
     }
-
-
-def _ratio(num: float | None, den: float | None) -> float | None:
-    return num / den if num is not None and den else None
-
-
-def signals_from(raw: dict[str, float], replicas: int, running: int, now_s: float, window_s: float) -> Signals:
-    """Signals from raw sums (PromQL results or the replicas' stats, the same names); absent: no data.
-    ``replicas``: the count in force (Serve's target); ``running``: the replicas running now."""
-    met, missed, shed = raw.get("met"), raw.get("missed"), raw.get("shed")
-    checks = sum(v for v in (met, missed, shed) if v is not None)
-    waiting, arrivals = raw.get("waiting"), raw.get("arrivals")
-    queue_wait = _ratio(waiting, arrivals)  # Little's law: mean wait = mean queue length / arrival rate
-    if queue_wait is None and waiting:
-        queue_wait = window_s  # a queue that nothing enters or leaves: stuck for the whole window
-    busy = raw.get("busy")
-    if busy is None and waiting is not None:
-        busy = 0.0  # the workers report, but no step ran yet
-    return Signals(now_s, replicas, sla_attainment=(met or 0.0) / checks if checks else None,
-                   ttft_s=raw.get("ttft"), tpot_s=raw.get("tpot"),
-                   queue_wait_s=queue_wait if queue_wait is not None else (0.0 if waiting == 0 else None),
-                   quality_debt=_ratio(raw.get("load_downgrades", 0.0), raw.get("routed")),
-                   utilisation=min(busy / max(running, 1), 1.0) if busy is not None else None)
 
 
 def in_process_raw(aggregated: dict | None) -> dict[str, float]:
