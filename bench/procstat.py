@@ -31,12 +31,13 @@ def listening_pid(port: int) -> int:
     sys.exit(f"stream_cpu.py: nothing listens on port {port}")
 
 
-def find_pids(port: int) -> dict[str, int]:
-    """The proxy (listening on ``port``) and, among its raylet's other children, the ingress and worker replicas
-    by their titles (``ray::ServeReplica:<app>:<deployment>``): another Ray on the machine is never counted."""
-    proxy = listening_pid(port)
-    raylet = Path(f"/proc/{proxy}/stat").read_text().rsplit(")", 1)[1].split()[1]
-    found = {"proxy": proxy}
+def find_pids(port: int) -> dict[str, int | None]:
+    """The process listening on ``port`` (Serve's HTTP proxy, or the ingress replica when it serves HTTP
+    itself: then ``proxy`` is None) and, among its raylet's other children, the ingress and worker replicas by
+    their titles (``ray::ServeReplica:<app>:<deployment>``): another Ray on the machine is never counted."""
+    listener = listening_pid(port)
+    raylet = Path(f"/proc/{listener}/stat").read_text().rsplit(")", 1)[1].split()[1]
+    found: dict[str, int | None] = {"proxy": listener}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             parent = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
@@ -46,6 +47,8 @@ def find_pids(port: int) -> dict[str, int]:
         for role, marker in PROCESSES.items():
             if parent == raylet and title.startswith("ray::ServeReplica") and marker in title:
                 found[role] = int(entry.name)
+    if found.get("ingress") == listener:
+        found["proxy"] = None  # no proxy on the token path
     if set(found) != set(PROCESSES):
         sys.exit(f"stream_cpu.py: no process found for {sorted(set(PROCESSES) - set(found))}")
     return found

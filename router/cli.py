@@ -172,10 +172,17 @@ def run_serve(args) -> int:
 
     from router.app import build_app
 
-    app = build_app(config)  # resolves (and on first run makes) the checkpoint, checks presets
+    # The ingress serves HTTP itself (router/http_server.py): no Serve HTTP proxy on the token path.
+    app = build_app(config, listen=(args.host, args.port))  # resolves (first run: makes) the checkpoint
     ray.init(include_dashboard=False, log_to_driver=False, _metrics_export_port=args.metrics_port)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(app, name="supernet-router", route_prefix="/")
+    serve.start(proxy_location="Disabled")
+    serve_log = logging.getLogger("ray.serve")
+    level = serve_log.level
+    serve_log.setLevel(logging.WARNING)  # Serve's "ready at" line names its (disabled) proxy's port, not ours
+    try:
+        serve.run(app, name="supernet-router", route_prefix="/")
+    finally:
+        serve_log.setLevel(level)
     url = f"http://{args.host}:{args.port}"
     print(f"supernet-router is serving at {url}  (Ctrl-C stops it)")
     print(f"metrics (Prometheus text): {url}/metrics (the supernet_* series, as the dashboards name them); "

@@ -45,8 +45,9 @@ class WorkerSettings(_Strict):
     num_replicas: int = Field(1, ge=1, description="Worker replicas (each holds the whole checkpoint).")
     num_cpus: float = Field(1, ge=0, description="CPUs per worker replica.")
     num_gpus: float = Field(0, ge=0, description="GPUs per worker replica.")
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica runs at once (Ray Serve).")
-    max_queued_requests: int = Field(64, ge=0, description="Requests queued at the handle before fast 429s.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica runs at once.")
+    max_queued_requests: int = Field(64, ge=0, description="Requests a replica queues beyond "
+                                     "max_ongoing_requests before fast 429s.")
     cache_budget_bytes: int | None = Field(256 * 2**20, gt=0, description="Bytes all sequence caches may hold; "
                                            "None on CUDA: gpu_memory_fraction of free memory after weights.")
     gpu_memory_fraction: float = Field(0.8, gt=0, le=1, description="Share of free GPU memory for caches.")

@@ -4,7 +4,10 @@ A thin shim (Ray Serve LLM's ``LLMServer`` pattern): the engine is built by an
 injected factory, requests and token batches cross the actor boundary as plain
 dicts, and errors as the project's own (picklable) exceptions. Every message to
 the caller costs far more CPU than a token, so a message carries every token
-that is already waiting when it is sent (never waiting for more).
+that is already waiting when it is sent (never waiting for more). The ingress
+path (``submit`` / ``subscribe`` / ``abort``, ``workers/subscriptions.py``)
+sends one message per engine step per ingress, for all its requests;
+``generate`` streams one request, for single callers (benches, tools).
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ from typing import Protocol
 
 import torch
 
-from policies.errors import ConfigError, EngineFailure
+from policies.errors import ConfigError, EngineFailure, WorkerUnavailable
 from policies.placement import Placement
 from workers.engine import AsyncEngine, Engine, EngineConfig, Request, ServingEngine
 from workers.model.loader import load_checkpoint
 from workers.model.tokenizer import Tokenizer
 from workers.sampling import SamplingParams
+from workers.subscriptions import Subscriptions, merged
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class WorkerSpec:
     gpu_memory_fraction: float = 0.8
     max_prefill_tokens: int = 256
     max_running: int = 64
+    max_open_requests: int = 128  # accepted requests (running or waiting in the engine); more: Overloaded
     fault_injection: bool = False  # chaos tests may arm step failures (inject_step_faults)
     check_invariants: bool = False  # the engine checks its bookkeeping after every step
 
@@ -146,12 +151,6 @@ async def batches(events: AsyncIterable) -> AsyncIterator[list]:
         task.cancel()
 
 
-def merged(batch: list) -> dict:
-    """One message for a batch of token events: their text, how many tokens, how the stream ended."""
-    return {"text": "".join(e.text for e in batch), "tokens": sum(e.token_id is not None for e in batch),
-            "finish_reason": batch[-1].finish_reason}
-
-
 def _replica_id() -> str | None:
     """This Serve replica's unique id; None outside Serve (tests, the CLI)."""
     try:
@@ -182,6 +181,35 @@ class WorkerServer:
         self.num_layers = self.engine.facts.num_layers
         self.observer = observer
         self.replica_id = _replica_id()  # the first message of each stream names it (x-supernet-replica)
+        self.subscriptions = Subscriptions(self.engine, lambda r: request_from_dict(r, self.num_layers),
+                                           spec.max_open_requests,
+                                           observer.request_done if observer is not None else None)
+
+    # ---- the ingress path: one subscription per ingress, unary submit and abort ----
+
+    async def submit(self, request: dict) -> str | None:
+        """Accept a request (its tokens go out on ``request["ingress"]``'s subscription); this replica's id.
+
+        Raises at once what makes it unservable (InvalidRequest, ContextTooLong, Overloaded)."""
+        self._ensure_started()
+        self.subscriptions.submit(request)
+        return self.replica_id
+
+    async def abort(self, request: dict) -> bool:
+        """``{"ingress", "request_id"}``: the client left; the engine frees the cache at its next step."""
+        return self.subscriptions.abort(request["ingress"], request["request_id"])
+
+    async def subscribe(self, request: dict) -> AsyncIterator[dict]:
+        """``{"ingress", "replica_id"}``: per engine step, ``{request_id: merged tokens}`` for that ingress.
+
+        Pinned: a subscription routed to another replica than the one asked for (it is gone) fails, so
+        that the ingress ends the requests it had there."""
+        wanted = request.get("replica_id")
+        if wanted is not None and self.replica_id is not None and wanted != self.replica_id:
+            raise WorkerUnavailable(f"worker replica {wanted} is gone")
+        self._ensure_started()
+        async for message in self.subscriptions.stream(request["ingress"]):
+            yield message
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
         """Token batches as dicts: {text, tokens, finish_reason} (``merged``), the first also naming this replica
@@ -236,3 +264,4 @@ class WorkerServer:
         # Started lazily, from the replica's event loop, which is the loop that consumes the streams.
         if not self.engine.started:
             self.engine.start()
+

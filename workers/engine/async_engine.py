@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from policies.errors import EngineFailure, InvalidRequest
 from workers.engine.engine import Engine
 from workers.engine.request import Request, TokenEvent
-from workers.engine.seam import ModelFacts
+from workers.engine.seam import ModelFacts, TokenSink
 from workers.engine.stats import EngineStats
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class AsyncEngine:
         config = engine.model.config
         self.facts = ModelFacts(config.num_layers, config.vocab_size, config.max_position_embeddings,
                                 str(engine.model.dtype).removeprefix("torch."), str(engine.model.device))
-        self._queues: dict[str, asyncio.Queue] = {}  # loop thread only
+        self._queues: dict[str, asyncio.Queue | TokenSink] = {}  # loop thread only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -107,15 +107,19 @@ class AsyncEngine:
             self.engine.abort(request_id)
         self._fail_open_streams("the engine stopped")
 
-    def submit(self, request: Request) -> RequestStream:
-        """Queue a request; raises InvalidRequest / ContextTooLong at once if it can never run."""
+    def submit(self, request: Request, sink: TokenSink | None = None) -> RequestStream | None:
+        """Queue a request; raises InvalidRequest / ContextTooLong at once if it can never run.
+
+        Without ``sink``: its events come out of the returned stream. With one: each event is handed to
+        ``sink.put_nowait`` on the loop thread as its step is delivered (one sink may serve many requests,
+        so a step's events for them can leave together), and nothing is returned; ``abort`` cancels."""
         if self._loop is None or self._thread is None:
             raise EngineFailure("the engine is not running (use `async with AsyncEngine(...)`)")
         if self._failure is not None:
             raise EngineFailure(self._failure)
         if request.request_id in self._queues:
             raise InvalidRequest(f"request id {request.request_id!r} is already in use")
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = asyncio.Queue() if sink is None else sink
         self._queues[request.request_id] = queue  # before the step thread can see the request
         try:
             self.engine.add_request(request)
@@ -123,7 +127,7 @@ class AsyncEngine:
             del self._queues[request.request_id]
             raise
         self._wake.set()
-        return RequestStream(request.request_id, queue, self)
+        return RequestStream(request.request_id, queue, self) if sink is None else None
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request (from the loop thread): its stream ends with an "abort" event at the next step."""

@@ -27,6 +27,12 @@ class ModelFacts:
     device: str
 
 
+class TokenSink(Protocol):
+    """Where a request's token events go when the caller takes them per step, not per request."""
+
+    def put_nowait(self, event: TokenEvent) -> None: ...  # on the loop thread; must not block
+
+
 @runtime_checkable
 class ServingEngine(Protocol):
     """Submit, abort, observe: the calls a replica makes. ``start`` runs from the loop that consumes streams."""
@@ -44,7 +50,8 @@ class ServingEngine(Protocol):
 
     async def stop(self) -> None: ...
 
-    def submit(self, request: Request) -> AsyncIterable[TokenEvent]: ...  # raises InvalidRequest at once
+    # Raises InvalidRequest at once. With a sink, the events go to it (and None is returned).
+    def submit(self, request: Request, sink: TokenSink | None = None) -> AsyncIterable[TokenEvent] | None: ...
 
     def abort(self, request_id: str) -> bool: ...
 

@@ -1,0 +1,134 @@
+"""This ingress's requests on the worker replicas: a unary submit each, one subscription per replica for all.
+
+The worker sends one message per engine step for all of this ingress's requests (``workers/subscriptions.py``);
+here each message is split into the requests' own queues, read by their HTTP responses. A request is
+registered before it is submitted (its first tokens may come before the submit's answer), and pinned to the
+replica that accepted it. When a subscription breaks (the replica died, or its stream failed), every request
+open on that replica ends with ``WorkerUnavailable``; the next request there opens a new subscription. A
+response that stops reading (the client left) aborts its request on the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+from policies.errors import SupernetError, WorkerUnavailable
+from router.errors import as_supernet_error
+
+log = logging.getLogger(__name__)
+_UNSUBMITTED = object()  # a request's replica before the submit's answer (no subscription can fail it yet)
+
+
+class RequestTokens:
+    """One request's messages, ``{text, tokens, finish_reason}``, until the finishing one; ``close`` aborts."""
+
+    __slots__ = ("request_id", "replica_id", "queue", "_streams", "_done")
+
+    def __init__(self, request_id: str, streams: "WorkerStreams"):
+        self.request_id, self.replica_id = request_id, _UNSUBMITTED
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self._streams, self._done = streams, False
+
+    def __aiter__(self) -> "RequestTokens":
+        return self
+
+    async def __anext__(self) -> dict:
+        if self._done:
+            raise StopAsyncIteration
+        message = await self.queue.get()
+        if isinstance(message, SupernetError):  # the subscription broke
+            self._finish()
+            raise message
+        error = message.get("error")
+        if error is not None or message["finish_reason"] is not None:
+            self._finish()
+        if error is not None:
+            raise as_supernet_error(error)
+        return message
+
+    def close(self) -> None:
+        """The reader is gone: unless the request finished, abort it on its worker."""
+        if not self._done:
+            self._finish()
+            self._streams.abort(self)
+
+    def _finish(self) -> None:
+        self._done = True
+        self._streams.forget(self.request_id)
+
+
+class WorkerStreams:
+    """``tokens = await streams.submit(worker_request)``; ``async for message in tokens``; ``tokens.close()``."""
+
+    def __init__(self, handle):
+        self.ingress_id = uuid.uuid4().hex  # this ingress process, as the workers know it
+        self._handle = handle  # unary calls: submit, abort (Serve's handle; routed by router/replica_router.py)
+        self._stream_handle = handle.options(stream=True)  # cached: options() is not free
+        self._requests: dict[str, RequestTokens] = {}
+        self._subscriptions: dict[str, asyncio.Task] = {}  # replica id -> the task reading its subscription
+        self._background: set[asyncio.Task] = set()  # fire-and-forget aborts, held until done
+
+    async def submit(self, request: dict) -> RequestTokens:
+        """Submit to the replica the request names (or Serve's choice); raises what refused it."""
+        tokens = self._requests[request["request_id"]] = RequestTokens(request["request_id"], self)
+        try:
+            replica_id = await self._handle.submit.remote({**request, "ingress": self.ingress_id})
+        except BaseException:
+            self.forget(request["request_id"])
+            raise
+        tokens.replica_id = replica_id
+        self._subscribe(replica_id)
+        return tokens
+
+    def forget(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    def abort(self, tokens: RequestTokens) -> None:
+        call = self._handle.abort.remote({"ingress": self.ingress_id, "request_id": tokens.request_id,
+                                          "replica_id": tokens.replica_id})
+        task = asyncio.ensure_future(self._quietly(call, tokens.request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._subscriptions.values()):
+            task.cancel()
+
+    def _subscribe(self, replica_id: str | None) -> None:
+        task = self._subscriptions.get(replica_id)
+        if task is None or task.done():
+            self._subscriptions[replica_id] = asyncio.get_running_loop().create_task(self._read(replica_id))
+
+    async def _read(self, replica_id: str | None) -> None:
+        reason = "its stream ended"
+        try:
+            stream = self._stream_handle.subscribe.remote({"ingress": self.ingress_id, "replica_id": replica_id})
+            async for message in stream:
+                requests = self._requests
+                for request_id, part in message.items():
+                    tokens = requests.get(request_id)
+                    if tokens is not None:
+                        tokens.queue.put_nowait(part)
+        except asyncio.CancelledError:
+            reason = "the ingress is stopping"
+            raise
+        except Exception as exc:  # noqa: BLE001: whatever broke it, its requests end with an explicit error
+            reason = as_supernet_error(exc).message
+            log.warning("the subscription to worker replica %s broke: %s", replica_id, reason)
+        finally:
+            if self._subscriptions.get(replica_id) is asyncio.current_task():
+                del self._subscriptions[replica_id]
+            self._fail(replica_id, f"the worker replica serving this request failed ({reason})")
+
+    def _fail(self, replica_id: str | None, reason: str) -> None:
+        for tokens in [t for t in self._requests.values() if t.replica_id == replica_id]:
+            tokens.queue.put_nowait(WorkerUnavailable(reason))
+            self.abort(tokens)  # if the replica lives on (only the stream broke), it stops computing them
+
+    async def _quietly(self, call, request_id: str) -> None:
+        try:
+            await call
+        except Exception as exc:  # noqa: BLE001: the replica may be gone, and with it the request
+            log.debug("aborting request %s failed: %s", request_id, exc)

@@ -1,0 +1,167 @@
+"""The ingress path, without Ray: router/worker_streams.py over workers/subscriptions.py (a WorkerServer in process).
+
+Serve's handle is replaced by one that calls the server's methods directly, so these tests see what a client
+sees (tokens, their order, explicit errors, freed caches), never how tokens were split into messages.
+"""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from policies.errors import ContextTooLong, Overloaded, WorkerUnavailable
+from router.worker_streams import WorkerStreams
+from workers.deployment import WorkerServer, WorkerSpec
+from workers.engine import AsyncEngine
+
+
+class Handle:
+    """Serve's DeploymentHandle, in process: ``handle.method.remote(arg)`` calls ``server.method(arg)``."""
+
+    def __init__(self, server, subscribe=None):
+        self.server, self.subscribe_wrapper = server, subscribe
+
+    def options(self, stream: bool = False) -> "Handle":
+        return self
+
+    def __getattr__(self, name):
+        method = getattr(self.server, name)
+        if name == "subscribe" and self.subscribe_wrapper is not None:
+            return SimpleNamespace(remote=lambda arg: self.subscribe_wrapper(method(arg)))
+        return SimpleNamespace(remote=method)
+
+
+def request(request_id: str, placement: str = "ASGKAS", max_tokens: int = 12, prompt=(1, 5, 9, 13)) -> dict:
+    return {"request_id": request_id, "prompt_ids": list(prompt), "placement": placement,
+            "params": {"max_tokens": max_tokens, "ignore_eos": True}}
+
+
+@pytest.fixture
+def make_server(make_engine, tiny_checkpoint):
+    def make(**spec) -> WorkerServer:
+        return WorkerServer(WorkerSpec(str(tiny_checkpoint), **spec),
+                            engine_factory=lambda s: AsyncEngine(make_engine()))
+
+    return make
+
+
+async def read(tokens) -> tuple[str, int, str]:
+    text, count, finish = "", 0, None
+    async for message in tokens:
+        text, count, finish = text + message["text"], count + message["tokens"], message["finish_reason"]
+    return text, count, finish
+
+
+async def settle(server: WorkerServer) -> None:
+    """Until the engine holds nothing (bounded: a few hundred loop turns, each letting a step land)."""
+    for _ in range(500):
+        stats = server.engine.stats()
+        if not stats.running and not stats.waiting and stats.cache_used_bytes == 0:
+            return
+        await asyncio.sleep(0.01)
+
+
+def test_concurrent_requests_get_the_tokens_each_gets_alone(make_server):
+    codes = ["ASGKAS", "AAAAAA", "GGGGGG", "KGSAGK", "SSSSSS"]
+    server = make_server()
+
+    async def main():
+        alone = []
+        for i, code in enumerate(codes):  # one at a time, on the per-request stream
+            parts = [m async for m in server.generate(request(f"alone{i}", code, max_tokens=10 + 3 * i))]
+            alone.append(("".join(p["text"] for p in parts), sum(p["tokens"] for p in parts)))
+        streams = WorkerStreams(Handle(server))
+        submitted = [await streams.submit(request(f"r{i}", code, max_tokens=10 + 3 * i))
+                     for i, code in enumerate(codes)]
+        together = await asyncio.gather(*(read(t) for t in submitted))
+        await streams.close()
+        await server.engine.stop()
+        return alone, together
+
+    alone, together = asyncio.run(main())
+    assert [(text, count) for text, count, _ in together] == alone
+    assert [count for _, count, _ in together] == [10 + 3 * i for i in range(len(codes))]
+    assert {finish for _, _, finish in together} == {"length"}
+
+
+def test_a_client_that_leaves_aborts_its_request_and_frees_the_cache(make_server):
+    server = make_server()
+
+    async def main():
+        streams = WorkerStreams(Handle(server))
+        leaving = await streams.submit(request("leaves", max_tokens=400))
+        staying = await streams.submit(request("stays", max_tokens=20))
+        await anext(leaving)
+        leaving.close()
+        result = await read(staying)
+        await settle(server)
+        stats = server.engine.stats()
+        await streams.close()
+        await server.engine.stop()
+        return result, stats, server.subscriptions.num_open
+
+    (_, count, finish), stats, num_open = asyncio.run(main())
+    assert (count, finish) == (20, "length")
+    assert not stats.running and not stats.waiting and stats.cache_used_bytes == 0 and num_open == 0
+
+
+def test_a_broken_subscription_ends_every_open_request_with_an_error(make_server):
+    server = make_server()
+
+    async def breaks_after_one(stream):
+        async for message in stream:
+            yield message
+            break
+        await stream.aclose()  # the worker sees its subscription close, as when the ingress's link drops
+        raise ConnectionError("the replica's actor died")
+
+    async def main():
+        streams = WorkerStreams(Handle(server, subscribe=breaks_after_one))
+        submitted = [await streams.submit(request(f"r{i}", max_tokens=300)) for i in range(3)]
+        outcomes = []
+        for tokens in submitted:
+            try:
+                await read(tokens)
+                outcomes.append("finished")
+            except WorkerUnavailable as exc:
+                outcomes.append(exc.message)
+        await settle(server)  # the worker aborted them: nobody reads their tokens any more
+        stats = server.engine.stats()
+        await server.engine.stop()
+        return outcomes, stats
+
+    outcomes, stats = asyncio.run(main())
+    assert all("worker replica serving this request failed" in o and "died" in o for o in outcomes), outcomes
+    assert not stats.running and stats.cache_used_bytes == 0
+
+
+def test_refusals_raise_at_submit_and_a_full_worker_is_overloaded(make_server):
+    server = make_server(max_open_requests=1)
+
+    async def main():
+        streams = WorkerStreams(Handle(server))
+        with pytest.raises(ContextTooLong):
+            await streams.submit(request("long", max_tokens=10**6))
+        first = await streams.submit(request("one", max_tokens=50))
+        with pytest.raises(Overloaded):
+            await streams.submit(request("two"))
+        result = await read(first)
+        after = await read(await streams.submit(request("three", max_tokens=5)))  # the slot is free again
+        await streams.close()
+        await server.engine.stop()
+        return result, after
+
+    (_, count, _), (_, after, _) = asyncio.run(main())
+    assert (count, after) == (50, 5)
+
+
+def test_a_subscription_for_another_replica_fails(make_server):
+    server = make_server()
+    server.replica_id = "this-one"
+
+    async def main():
+        with pytest.raises(WorkerUnavailable):
+            async for _ in server.subscribe({"ingress": "i", "replica_id": "gone"}):
+                pass
+
+    asyncio.run(main())
