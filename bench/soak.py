@@ -4,7 +4,8 @@ The default service (the embedded checkpoint on the CPU) with small queues (``--
 worker replica running plus as many waiting at its handle), driven by ``--concurrency`` closed-loop clients
 for ``--requests`` requests or ``--duration-s`` seconds, whichever ends first. The mix, drawn from a
 seeded generator: completions and chat, streamed or not, a share of clients that hang up after the first
-token or before any byte, budgets tight enough to be shed, loose, or none. Afterwards (the service idle):
+token or before any byte, budgets tight enough to be shed, loose, or none; a client refused with 429 waits
+0.2 s before its next request. Afterwards (the service idle):
 every request must have ended in a response or an explicit error; the worker holds no cache bytes, the
 ingress no in-flight request; the worker's resident memory is compared with its size after the warm-up.
 Prints one JSON line (exit 1 if a check fails).
@@ -123,8 +124,8 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
              _system_config={"metrics_report_interval_ms": 1000})
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(AppConfig.from_dict(config)), name="soak", route_prefix="/")
+    serve.start(proxy_location="Disabled")  # as `supernet-router serve`: the ingress serves HTTP itself
+    serve.run(build_app(AppConfig.from_dict(config), listen=("127.0.0.1", port)), name="soak", route_prefix="/")
     url, model = f"http://127.0.0.1:{port}", config["presets"][0]["name"]
     handle = serve.get_deployment_handle("SupernetWorker", app_name="soak")
     worker = ray.get_actor(next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
@@ -153,6 +154,8 @@ def main() -> None:
                         outcome, seconds = f"broken-{type(exc).__name__}", 0.0
                     outcomes[outcome] += 1
                     latencies[outcome].append(seconds)
+                    if outcome == "http-429":  # a client that backs off a little, as the 429 asks
+                        await asyncio.sleep(0.2)
 
             await asyncio.gather(*(client() for _ in range(args.concurrency)))
             elapsed = time.perf_counter() - started
