@@ -12,6 +12,11 @@ import httpx
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# On a loaded 2-core machine a new process takes seconds to import Ray Serve: Serve's defaults (its HTTP proxy
+# ready within 5 s, health checks answered within 10 s) kill a healthy proxy there, and the whole session's
+# cluster with it. The cluster inherits these from this process at ray.init.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 
 
 def free_port() -> int:
