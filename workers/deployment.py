@@ -180,7 +180,7 @@ class WorkerServer:
         self.engine = engine_factory(spec)  # only the ServingEngine calls (workers/engine/seam.py) from here on
         self.num_layers = self.engine.facts.num_layers
         self.observer = observer
-        self.replica_id = _replica_id()  # the first message of each stream names it (x-supernet-replica)
+        self.replica_id = _replica_id()  # what submit answers (the ingress's x-supernet-replica)
         self.subscriptions = Subscriptions(self.engine, lambda r: request_from_dict(r, self.num_layers),
                                            spec.max_open_requests,
                                            observer.request_done if observer is not None else None)
@@ -212,16 +212,14 @@ class WorkerServer:
             yield message
 
     async def generate(self, request: dict) -> AsyncIterator[dict]:
-        """Token batches as dicts: {text, tokens, finish_reason} (``merged``), the first also naming this replica
-        (``replica``). A failure raises EngineFailure."""
+        """Token batches as dicts: {text, tokens, finish_reason} (``merged``). A failure raises EngineFailure."""
         self._ensure_started()
         arrived, first_at, tokens = time.monotonic(), None, 0
         stream = self.engine.submit(request_from_dict(request, self.num_layers))
         async for batch in batches(stream):
-            message = merged(batch)
             if first_at is None:
                 first_at = time.monotonic()
-                message["replica"] = self.replica_id
+            message = merged(batch)
             tokens += message["tokens"]
             yield message
         if self.observer is not None:
