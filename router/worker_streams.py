@@ -6,11 +6,18 @@ registered before it is submitted (its first tokens may come before the submit's
 replica that accepted it. When a subscription breaks (the replica died, or its stream failed), every request
 open on that replica ends with ``WorkerUnavailable``; the next request there opens a new subscription. A
 response that stops reading (the client left) aborts its request on the worker.
+
+Calls made on behalf of every request (the subscriptions) or after a request is over (aborts) run outside
+the Serve request that happened to start them (``detached``): Serve cancels the calls a request makes when
+that request is cancelled, and it is cancelled exactly when its client leaves, the moment its abort must go
+out. A submit whose caller is cancelled still waits for its answer, so that the request it may have started
+is aborted on the replica that answer names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import uuid
 
@@ -19,6 +26,12 @@ from router.errors import as_supernet_error
 
 log = logging.getLogger(__name__)
 _UNSUBMITTED = object()  # a request's replica before the submit's answer (no subscription can fail it yet)
+
+
+def detached(call, *args):
+    """``call(*args)`` outside the caller's context: not a child of the Serve request running now, so not
+    cancelled with it. (Serve and Ray find a call's parent request through context variables.)"""
+    return contextvars.Context().run(call, *args)
 
 
 class RequestTokens:
@@ -73,8 +86,13 @@ class WorkerStreams:
     async def submit(self, request: dict) -> RequestTokens:
         """Submit to the replica the request names (or Serve's choice); raises what refused it."""
         tokens = self._requests[request["request_id"]] = RequestTokens(request["request_id"], self)
+        answer = detached(asyncio.ensure_future, self._submitted(request))
         try:
-            replica_id = await self._handle.submit.remote({**request, "ingress": self.ingress_id})
+            replica_id = await asyncio.shield(answer)
+        except asyncio.CancelledError:  # the client left: once the answer names the replica, abort there
+            tokens._finish()
+            answer.add_done_callback(lambda _: self._abort_late(answer, tokens))
+            raise
         except BaseException:
             self.forget(request["request_id"])
             raise
@@ -82,13 +100,21 @@ class WorkerStreams:
         self._subscribe(replica_id)
         return tokens
 
+    async def _submitted(self, request: dict) -> str:
+        return await self._handle.submit.remote({**request, "ingress": self.ingress_id})
+
+    def _abort_late(self, answer: asyncio.Future, tokens: RequestTokens) -> None:
+        if not answer.cancelled() and answer.exception() is None:
+            tokens.replica_id = answer.result()
+            self.abort(tokens)
+
     def forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
 
     def abort(self, tokens: RequestTokens) -> None:
-        call = self._handle.abort.remote({"ingress": self.ingress_id, "request_id": tokens.request_id,
-                                          "replica_id": tokens.replica_id})
-        task = asyncio.ensure_future(self._quietly(call, tokens.request_id))
+        call = detached(self._handle.abort.remote, {"ingress": self.ingress_id, "request_id": tokens.request_id,
+                                                    "replica_id": tokens.replica_id})
+        task = detached(asyncio.ensure_future, self._quietly(call, tokens.request_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -99,7 +125,8 @@ class WorkerStreams:
     def _subscribe(self, replica_id: str | None) -> None:
         task = self._subscriptions.get(replica_id)
         if task is None or task.done():
-            self._subscriptions[replica_id] = asyncio.get_running_loop().create_task(self._read(replica_id))
+            self._subscriptions[replica_id] = asyncio.get_running_loop().create_task(
+                self._read(replica_id), context=contextvars.Context())  # for every request, not the first
 
     async def _read(self, replica_id: str | None) -> None:
         reason = "its stream ended"

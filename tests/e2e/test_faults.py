@@ -189,7 +189,7 @@ def test_a_client_that_leaves_mid_stream_aborts_its_request_and_frees_its_cache(
 
     asyncio.run(main())
     assert wait_for(lambda: worker_stats("lonely")["finished"]["abort"] > before["abort"]), \
-        "the engine never aborted the request of a client that left"
+        f"the engine never aborted the request of a client that left: {worker_stats('lonely')}"
     stats = worker_stats("lonely")
     assert stats["cache_used_bytes"] == 0 and not stats["running"]
     assert stats["finished"]["length"] == before["length"]  # aborted, not run to its end

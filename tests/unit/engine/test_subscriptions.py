@@ -5,6 +5,7 @@ sees (tokens, their order, explicit errors, freed caches), never how tokens were
 """
 
 import asyncio
+import contextvars
 from types import SimpleNamespace
 
 import pytest
@@ -165,3 +166,71 @@ def test_a_subscription_for_another_replica_fails(make_server):
                 pass
 
     asyncio.run(main())
+
+
+def test_a_client_that_leaves_while_its_submit_is_in_flight_gets_its_request_aborted(make_server):
+    server = make_server()
+    answer_may_leave = asyncio.Event()
+
+    class SlowSubmit(Handle):  # the worker has accepted the request; its answer is still on the way
+        def __getattr__(self, name):
+            if name != "submit":
+                return super().__getattr__(name)
+
+            async def submit(arg):
+                replica = await server.submit(arg)
+                await answer_may_leave.wait()
+                return replica
+
+            return SimpleNamespace(remote=submit)
+
+    async def main():
+        streams = WorkerStreams(SlowSubmit(server))
+        client = asyncio.ensure_future(streams.submit(request("leaves", max_tokens=400)))
+        for _ in range(500):  # until the engine runs it
+            if server.engine.stats().running:
+                break
+            await asyncio.sleep(0.01)
+        client.cancel()  # the client left before the answer
+        answer_may_leave.set()
+        await settle(server)
+        stats = server.engine.stats()
+        await streams.close()
+        await server.engine.stop()
+        return client.cancelled(), stats
+
+    cancelled, stats = asyncio.run(main())
+    assert cancelled
+    assert not stats.running and stats.cache_used_bytes == 0
+    assert stats.finished.abort == 1 and stats.finished.length == 0
+
+
+def test_subscriptions_and_aborts_are_not_calls_of_the_request_that_starts_them(make_server):
+    """Serve cancels the calls a request makes when that request is cancelled (it finds them through context
+    variables): an abort sent because the client left, or the subscription every request reads, must not be."""
+    server = make_server()
+    parent = contextvars.ContextVar("serve_request", default=None)
+    seen = {}
+
+    class Recording(Handle):
+        def __getattr__(self, name):
+            method = super().__getattr__(name)
+
+            def remote(arg):
+                seen.setdefault(name, parent.get())
+                return method.remote(arg)
+
+            return SimpleNamespace(remote=remote)
+
+    async def main():
+        parent.set("the request that is leaving")
+        streams = WorkerStreams(Recording(server))
+        tokens = await streams.submit(request("leaves", max_tokens=400))
+        await anext(tokens)
+        tokens.close()
+        await settle(server)
+        await streams.close()
+        await server.engine.stop()
+
+    asyncio.run(main())
+    assert seen == {"submit": None, "subscribe": None, "abort": None}
