@@ -11,7 +11,8 @@ Variants, on the same seeded trace and the same simulated replicas as bench/simu
 The autoscaler is the live one: every ``interval_s`` it computes the raw sums the live autoscaler reads
 from Prometheus (router/autoscaling.py ``queries``) over ``window_s``: met/missed/shed counts, p90 TTFT
 and TPOT of the requests that ended, waiting requests averaged over scrapes every --scrape-s, requests
-ended per second, load downgrades and routed requests, engine busy seconds per second. It turns them into
+ended per second, load downgrades and routed requests, cache bytes reserved and free (averaged over the
+scrapes, serving replicas). It turns them into
 Signals with the same ``signals_from`` and calls the same ``decide``, with ``ScalingConfig`` at the
 documented defaults (docs/autoscaling.md) and max_replicas = the static fleet. A replica asked for starts
 serving --startup-s later (it costs from the moment it is asked for); one removed takes no new requests,
@@ -126,8 +127,7 @@ def run(variant: str, predictor: Predictor, trace: Trace, config: ScalingConfig,
     events += [(k * scrape_s, _TICK, k) for k in range(1, int(trace.span_s / scrape_s) + 1)]
     heapq.heapify(events)
     ended: deque = deque()  # (time, kind, value): ("end", (met, ttft, tpot)), ("shed", None), ("routed", load?)
-    scrapes: deque = deque()  # (time, waiting requests, busy seconds so far): what Prometheus scraped
-    busy_gone = 0.0  # busy seconds of replicas that stopped (the counter a rate() spans)
+    scrapes: deque = deque()  # (time, waiting requests, cache bytes reserved, free): what Prometheus scraped
     snapshots, refreshed, dispatched = {}, -math.inf, {}
     idle = WorkerState("idle", cache_budget_bytes=budget)
     decisions, timeline, next_decision = [], [], interval_s
@@ -136,11 +136,9 @@ def run(variant: str, predictor: Predictor, trace: Trace, config: ScalingConfig,
         return [h for h in fleet if h.serving(now)]
 
     def stop_drained(now):
-        nonlocal busy_gone
         for h in fleet:
             if h.drain is not None and h.stopped is None and h.idle() and not h.sim.busy:
                 h.stopped = max(now, h.drain)
-                busy_gone += h.sim.busy_s
 
     def kick(now):
         for i, h in enumerate(fleet):
@@ -166,9 +164,9 @@ def run(variant: str, predictor: Predictor, trace: Trace, config: ScalingConfig,
             if tpots:
                 raw["tpot"] = float(np.percentile(tpots, 90))
         if scrapes:
-            raw["waiting"] = float(np.mean([w for _, w, _ in scrapes]))
-            if len(scrapes) > 1:
-                raw["busy"] = (scrapes[-1][2] - scrapes[0][2]) / (scrapes[-1][0] - scrapes[0][0])
+            raw["waiting"] = float(np.mean([w for _, w, _, _ in scrapes]))
+            raw["cache_used"] = float(np.mean([u for _, _, u, _ in scrapes]))
+            raw["cache_free"] = float(np.mean([f for _, _, _, f in scrapes]))
         return raw
 
     def scale(now, wanted):
@@ -226,15 +224,18 @@ def run(variant: str, predictor: Predictor, trace: Trace, config: ScalingConfig,
             stop_drained(now)
         else:
             live = [h for h in fleet if h.stopped is None]
-            scrapes.append((now, sum(len(h.sim.waiting) for h in live),
-                            busy_gone + sum(h.sim.busy_s for h in fleet if h.stopped is None)))
+            up = serving(now)  # a replica reports its cache once it serves
+            scrapes.append((now, sum(len(h.sim.waiting) for h in live), sum(h.sim.used for h in up),
+                            sum(h.sim.budget - h.sim.used for h in up)))
             if autoscale and now >= next_decision - 1e-9:
                 next_decision += interval_s
                 running = len(serving(now))
                 signals = signals_from(raw_signals(now), target, running, now, window_s)
                 wanted, state, reason = decide(signals, state, config)
                 if wanted != target:
-                    decisions.append({"t": round(now, 1), "from": target, "to": wanted, "reason": reason})
+                    decisions.append({"t": round(now, 1), "from": target, "to": wanted, "reason": reason,
+                                      "signals": {k: round(v, 4) for k, v in asdict(signals).items()
+                                                  if isinstance(v, float) and k != "now_s"}})
                     target = wanted
                     scale(now, wanted)
             if now % bucket_s < scrape_s / 2 or now + scrape_s > trace.span_s:

@@ -13,10 +13,19 @@ load. The decision, each evaluation:
    (``sla-pressure``);
 2. quality debt above ``quality_debt_budget``: absorbed (``burst-absorbed``) until it has lasted
    ``debt_grace_s``, then one more replica (``quality-debt``), and the clock restarts;
-3. calm (pressure and debt under ``calm_fraction`` of their thresholds, and the utilisation the
+3. calm (pressure and debt under ``calm_fraction`` of their thresholds, and the cache occupancy the
    remaining replicas would see under ``utilisation_low``) held for ``downscale_stable_s``:
    one replica fewer (``scale-down``), and the calm clock restarts;
 4. otherwise hold (``steady``). Scale-ups wait ``upscale_cooldown_s`` after any change.
+
+Scale-ups count from the replicas *running*: the signals measure them, not the ones still starting
+(a 15B replica takes minutes to load). While replicas start, a scale-up happens only if the running
+ones' pressure asks for more than the target already holds (``replicas-starting`` otherwise), so a
+burst seen for several evaluations during one start-up does not double the target at each.
+
+Utilisation is cache occupancy (bytes reserved / the replicas' cache budgets), not the share of time a
+step runs: a continuously batching engine steps whenever any row runs, so its busy share is near 1 at
+any load, while admission is bounded by cache bytes (whole-life reservations, ``policies/memory.py``).
 
 Hysteresis is the gap between 1 (up) and ``calm_fraction`` (down); together with the calm period,
 which any pressure resets, oscillating input cannot alternate the count up and down.
@@ -31,7 +40,7 @@ from policies.errors import ConfigError
 
 # Every reason decide() can return (a short code: it is a metric label).
 REASONS = ("no-signals", "sla-pressure", "quality-debt", "burst-absorbed", "cooldown", "at-max-replicas",
-           "scale-down", "steady", "below-min-replicas", "above-max-replicas")
+           "replicas-starting", "scale-down", "steady", "below-min-replicas", "above-max-replicas")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,13 +48,14 @@ class Signals:
     """What the fleet looked like over the last window. None: no data (e.g. no traffic with a budget)."""
 
     now_s: float  # seconds on any clock that does not go back
-    replicas: int  # the replica count in force now
+    replicas: int  # the replica count in force now (the target: some may still be starting)
     sla_attainment: float | None = None  # share of latency budget checks met (0..1)
     ttft_s: float | None = None  # p90 time to first token
     tpot_s: float | None = None  # p90 time per output token
     queue_wait_s: float | None = None  # mean wait in the workers' queues
     quality_debt: float | None = None  # share of requests served a faster preset because of load (0..1)
-    utilisation: float | None = None  # mean busy share of a replica (0..1)
+    utilisation: float | None = None  # cache occupancy of the running replicas (reserved / budget, 0..1)
+    running: int | None = None  # replicas serving now (None: all of ``replicas``)
 
     @property
     def has_data(self) -> bool:
@@ -63,7 +73,7 @@ class ScalingConfig:
     queue_wait_target_s: float | None = 1.0  # mean queue wait budget (None: not a signal)
     quality_debt_budget: float = 0.2  # share of load downgrades tolerated
     debt_grace_s: float = 120.0  # how long debt above budget is absorbed before a replica is added
-    utilisation_low: float = 0.5  # scale down only if the remaining replicas stay under this
+    utilisation_low: float = 0.5  # scale down only if the remaining replicas' cache occupancy stays under this
     calm_fraction: float = 0.5  # down-thresholds are this share of the up-thresholds (hysteresis)
     upscale_cooldown_s: float = 30.0  # after any change, before the next scale-up
     downscale_stable_s: float = 300.0  # calm this long (and this long after any change) to remove one
@@ -112,14 +122,13 @@ def signals_from(raw: dict[str, float], replicas: int, running: int, now_s: floa
     queue_wait = _ratio(waiting, arrivals)  # Little's law: mean wait = mean queue length / arrival rate
     if queue_wait is None and waiting:
         queue_wait = window_s  # a queue that nothing enters or leaves: stuck for the whole window
-    busy = raw.get("busy")
-    if busy is None and waiting is not None:
-        busy = 0.0  # the workers report, but no step ran yet
+    used, free = raw.get("cache_used"), raw.get("cache_free")
+    occupancy = used / (used + free) if used is not None and free is not None and used + free > 0 else None
     return Signals(now_s, replicas, sla_attainment=(met or 0.0) / checks if checks else None,
                    ttft_s=raw.get("ttft"), tpot_s=raw.get("tpot"),
                    queue_wait_s=queue_wait if queue_wait is not None else (0.0 if waiting == 0 else None),
                    quality_debt=_ratio(raw.get("load_downgrades", 0.0), raw.get("routed")),
-                   utilisation=min(busy / max(running, 1), 1.0) if busy is not None else None)
+                   utilisation=occupancy, running=running)
 
 
 def pressure(signals: Signals, config: ScalingConfig) -> float:
@@ -137,8 +146,8 @@ def pressure(signals: Signals, config: ScalingConfig) -> float:
 
 def _calm(signals: Signals, config: ScalingConfig, load: float, replicas: int) -> bool:
     """Quality back, budgets comfortably met, and the replicas left after removing one lightly loaded."""
-    if signals.utilisation is None or replicas <= 1:
-        return False
+    if signals.utilisation is None or replicas <= 1 or (signals.running is not None and signals.running < replicas):
+        return False  # (a replica still starting: the fleet was just found too small)
     debt = signals.quality_debt or 0.0
     return (load <= config.calm_fraction and debt <= config.calm_fraction * config.quality_debt_budget
             and signals.utilisation * replicas / (replicas - 1) <= config.utilisation_low)
@@ -172,8 +181,12 @@ def decide(signals: Signals, state: ScalingState, config: ScalingConfig) -> tupl
             return replicas, held, "at-max-replicas"
         if cooling:
             return replicas, held, "cooldown"
+        # the signals measured the running replicas: scale from them; those starting already count
+        running = replicas if signals.running is None else min(signals.running, replicas)
         factor = min(load, config.max_scale_up_factor) if wants_up == "sla-pressure" else 1.0
-        target = min(max(math.ceil(replicas * factor), replicas + 1), config.max_replicas)
+        target = min(max(math.ceil(running * factor), running + 1), config.max_replicas)
+        if target <= replicas:
+            return replicas, held, "replicas-starting"
         # the debt clock restarts: the next replica for debt needs another full grace period
         return target, ScalingState(now if in_debt else None, None, now), wants_up
     if in_debt:

@@ -66,7 +66,8 @@ def queries(application: str, window_s: float) -> dict[str, str]:
         "arrivals": f'sum(rate(supernet_requests_total{{{app},outcome=~"ok|error|cancelled"}}[{w}]))',
         "load_downgrades": f'sum(increase(supernet_downgrades_total{{{app},reason="load"}}[{w}]))',
         "routed": f'sum(increase(supernet_requests_total{{{app},preset!="none"}}[{w}]))',
-        "busy": f"sum(rate(supernet_engine_busy_seconds_total{{{app}}}[{w}]))",
+        "cache_used": f"sum(avg_over_time(supernet_cache_used_bytes{{{app}}}[{w}]))",
+        "cache_free": f"sum(avg_over_time(supernet_cache_free_bytes{{{app}}}[{w}]))",
     }
 
 
@@ -81,7 +82,8 @@ def in_process_raw(aggregated: dict | None) -> dict[str, float]:
 
     raw = {"met": total("budget_met"), "missed": None, "waiting": total("waiting_requests"),
            "arrivals": total("requests_per_s"), "load_downgrades": total("load_downgrades"),
-           "routed": total("requests"), "busy": total("busy_fraction")}
+           "routed": total("requests"), "cache_used": total("cache_used_bytes"),
+           "cache_free": total("cache_free_bytes")}
     checks = total("budget_checks")
     if checks is not None and raw["met"] is not None:
         raw["missed"] = max(checks - raw["met"], 0.0)

@@ -119,7 +119,7 @@ class AutoscalingSettings(_Strict):
     debt_grace_s: float = Field(120.0, ge=0, description="Quality debt is absorbed by faster presets this long "
                                                          "before a replica is added.")
     utilisation_low: float = Field(0.5, gt=0, le=1, description="A replica goes only if the others would stay "
-                                                                "under this busy share.")
+                                                                "under this cache occupancy (reserved / budget).")
     calm_fraction: float = Field(0.5, gt=0, lt=1, description="Hysteresis: scaling down needs every signal under "
                                                               "this share of its scale-up threshold.")
     upscale_cooldown_s: float = Field(30.0, ge=0, description="Seconds after any change before the next scale-up.")

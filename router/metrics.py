@@ -221,8 +221,8 @@ class WorkerMetrics:
         self._last_step_end = float("-inf")
         self._speculated: dict[tuple[str, str], tuple[int, int]] = {}  # (target, draft) -> (drafted, accepted)
         self._started = time.monotonic()
-        self._busy: deque[tuple[float, float]] = deque()  # (when, busy seconds since the previous entry)
         self._done: deque[tuple[float, dict]] = deque()  # (when, what one finished request tells the autoscaler)
+        self._cache: deque[tuple[float, int, int]] = deque()  # (when, cache bytes reserved, free)
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -256,7 +256,7 @@ class WorkerMetrics:
                 self._last_step_end = new[-1].ended_at
             scale = steps / len(new) if new and steps > len(new) else 1.0  # steps that fell out of the history
             busy = scale * sum(s.seconds for s in new)
-            self._busy.append((now, busy))
+            self._cache.append((now, stats.cache_used_bytes, stats.cache_free_bytes))
             self._trim(now)
         rec.inc("supernet_engine_busy_seconds_total", busy, replica=replica)
         rec.inc("supernet_engine_steps_total", steps, replica=replica)
@@ -285,7 +285,7 @@ class WorkerMetrics:
             self._done.append((time.monotonic(), entry))
 
     def _trim(self, now: float) -> None:
-        for queue in (self._busy, self._done):
+        for queue in (self._done, self._cache):
             while queue and queue[0][0] < now - self.window_s:
                 queue.popleft()
 
@@ -296,8 +296,8 @@ class WorkerMetrics:
             self._trim(now)
             window = max(min(self.window_s, now - self._started), 1e-3)
             done = [entry for _, entry in self._done]
-            busy = sum(b for _, b in self._busy)
-        out = {"busy_fraction": min(busy / window, 1.0), "waiting_requests": float(waiting),
+            cache = list(self._cache)
+        out = {"waiting_requests": float(waiting),
                "requests_per_s": len(done) / window, "requests": float(len(done)),
                "load_downgrades": float(sum(e["load_downgrade"] for e in done)),
                "budget_checks": float(sum(e["checks"] for e in done)), "budget_met": float(sum(e["met"] for e in done))}
@@ -305,4 +305,7 @@ class WorkerMetrics:
             values = sorted(e[key] for e in done if e[key] is not None)
             if values:
                 out[f"{key[:-2]}_p90_s"] = values[min(int(0.9 * len(values)), len(values) - 1)]
+        if cache:  # means over the window, as Prometheus's avg_over_time
+            out["cache_used_bytes"] = float(sum(used for _, used, _ in cache) / len(cache))
+            out["cache_free_bytes"] = float(sum(free for _, _, free in cache) / len(cache))
         return out

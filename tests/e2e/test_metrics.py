@@ -236,11 +236,13 @@ def test_signals_from_prometheus_sums():
     from router.autoscaling import signals_from
 
     raw = {"met": 90.0, "missed": 5.0, "shed": 5.0, "ttft": 0.4, "tpot": 0.05, "waiting": 6.0, "arrivals": 3.0,
-           "load_downgrades": 10.0, "routed": 40.0, "busy": 1.5}
+           "load_downgrades": 10.0, "routed": 40.0, "cache_used": 3.0e9, "cache_free": 1.0e9}
     signals = signals_from(raw, replicas=2, running=2, now_s=7.0, window_s=60)
     assert (signals.sla_attainment, signals.queue_wait_s, signals.quality_debt, signals.utilisation) == \
         (0.9, 2.0, 0.25, 0.75)  # sheds count as misses; Little's law: 6 waiting / 3 per s
-    idle = signals_from({"waiting": 0.0, "arrivals": 0.0, "routed": 0.0}, 2, 2, 0.0, 60)
+    assert signals.running == 2
+    idle = signals_from({"waiting": 0.0, "arrivals": 0.0, "routed": 0.0, "cache_used": 0.0, "cache_free": 8e9},
+                        2, 2, 0.0, 60)
     assert (idle.sla_attainment, idle.queue_wait_s, idle.quality_debt, idle.utilisation) == (None, 0.0, None, 0.0)
     stuck = signals_from({"waiting": 3.0, "arrivals": 0.0}, 1, 1, 0.0, 60)
     assert stuck.queue_wait_s == 60
@@ -249,7 +251,8 @@ def test_signals_from_prometheus_sums():
 def test_in_process_stats_become_the_same_raw_sums():
     from router.autoscaling import in_process_raw, signals_from
 
-    aggregated = {"busy_fraction": {"a": 0.5, "b": 0.7}, "waiting_requests": {"a": 2.0, "b": 0.0},
+    aggregated = {"cache_used_bytes": {"a": 5e8, "b": 7e8}, "cache_free_bytes": {"a": 5e8, "b": 3e8},
+                  "waiting_requests": {"a": 2.0, "b": 0.0},
                   "requests_per_s": {"a": 1.0, "b": 1.0}, "requests": {"a": 10.0, "b": 10.0},
                   "load_downgrades": {"a": 4.0, "b": 0.0}, "budget_checks": {"a": 10.0, "b": 10.0},
                   "budget_met": {"a": 9.0, "b": 10.0}, "ttft_p90_s": {"a": 0.3, "b": 0.5}}
@@ -268,7 +271,8 @@ def test_the_policy_decides_every_interval_and_keeps_its_state_in_serve_policy_s
     settings = AutoscalingSettings(enabled=True, min_replicas=1, max_replicas=3, interval_s=10,
                                    queue_wait_target_s=0.5, upscale_cooldown_s=0).model_dump()
     policy = SupernetAutoscalingPolicy(settings=settings)
-    busy = {"busy_fraction": {"a": 1.0}, "waiting_requests": {"a": 8.0}, "requests_per_s": {"a": 2.0}}
+    busy = {"cache_used_bytes": {"a": 9e8}, "cache_free_bytes": {"a": 1e8}, "waiting_requests": {"a": 8.0},
+            "requests_per_s": {"a": 2.0}}
 
     def tick(now, target, state):
         ctx = SimpleNamespace(current_time=now, target_num_replicas=target, current_num_replicas=target,
@@ -285,6 +289,7 @@ def test_the_policy_decides_every_interval_and_keeps_its_state_in_serve_policy_s
 
 def test_worker_metrics_pickle_as_plain_values_and_window_their_stats():
     import pickle
+    from types import SimpleNamespace
 
     from router.metrics import WorkerMetrics
 
@@ -293,7 +298,12 @@ def test_worker_metrics_pickle_as_plain_values_and_window_their_stats():
     sla = {"ttft_ms": 100, "tpot_ms": 10, "deadline_ms": None}
     observer.request_done({"sla": sla, "downgrade": "load"}, ttft_s=0.05, duration_s=0.5, tokens=11)  # tpot 45 ms
     observer.request_done({"sla": None, "downgrade": None}, ttft_s=0.2, duration_s=0.3, tokens=1)
+    observer.observe(SimpleNamespace(num_waiting=3, cache_used_bytes=600, cache_free_bytes=400, recent_steps=(),
+                                     num_steps=0, speculation=(), running_counts=dict))
+    observer.observe(SimpleNamespace(num_waiting=3, cache_used_bytes=200, cache_free_bytes=800, recent_steps=(),
+                                     num_steps=0, speculation=(), running_counts=dict))
     stats = observer.autoscaling_stats(waiting=3)
+    assert (stats["cache_used_bytes"], stats["cache_free_bytes"]) == (400.0, 600.0)  # means over the window
     assert stats["budget_checks"] == 2 and stats["budget_met"] == 1 and stats["load_downgrades"] == 1
     assert stats["requests"] == 2 and stats["waiting_requests"] == 3 and stats["ttft_p90_s"] == 0.2
     assert all(isinstance(v, float) for v in stats.values())  # Serve accepts only numbers

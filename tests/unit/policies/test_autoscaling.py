@@ -100,7 +100,7 @@ def test_scale_down_is_slow_one_replica_at_a_time_and_stops_at_min():
 
 def test_no_scale_down_while_quality_is_still_owed_or_load_would_be_too_high():
     assert {r for r, _ in run([{**CALM, "quality_debt": 0.15}] * 100, replicas=3)} == {3}  # 0.15 > 0.5 x 0.2
-    # 0.4 busy on 3 replicas is 0.6 on 2: above utilisation_low
+    # 0.4 of the cache in use on 3 replicas is 0.6 on 2: above utilisation_low
     assert {r for r, _ in run([{**CALM, "utilisation": 0.4}] * 100, replicas=3)} == {3}
     assert {r for r, _ in run([{**CALM, "utilisation": None}] * 100, replicas=3)} == {3}
 
@@ -129,6 +129,41 @@ def test_oscillating_input_does_not_flap(name, period):
     if name in ("calm and idle, then busy at full quality", "between the thresholds") or (
             name == "debt on and off" and period * 5 < CONFIG.debt_grace_s):  # bursts inside the grace
         assert changes(trace) == []
+
+
+@pytest.mark.parametrize("replicas, running, values, expected, reason", [
+    (4, 1, {"sla_attainment": 0.90}, 4, "replicas-starting"),  # pressure 2 on 1 running: 2, and 4 are coming
+    (2, 1, {"queue_wait_s": 5.0}, 2, "replicas-starting"),  # pressure 10, capped x2: 2, already the target
+    (3, 2, {"ttft_s": 10.0}, 4, "sla-pressure"),  # 2 running at pressure 10 need 4: more than the 3 coming
+    (3, 2, {"quality_debt": 0.6}, 3, "replicas-starting"),  # debt's one more replica is already starting
+    (3, 3, {"ttft_s": 1.2}, 4, "sla-pressure"),  # all running: as before
+])
+def test_scale_ups_count_from_the_running_replicas_and_wait_for_those_starting(replicas, running, values,
+                                                                              expected, reason):
+    state = ScalingState(debt_since=-1000.0)  # debt (if any) past its grace
+    got, _, why = decide(Signals(0.0, replicas, running=running, **{**CALM, **values}), state, CONFIG)
+    assert (got, why) == (expected, reason)
+
+
+def test_a_burst_during_one_start_up_asks_once_not_at_every_evaluation():
+    """Pressure that lasts through a replica's start-up (60 s here: 12 evaluations) adds what the running
+    replicas' pressure asks for once, then waits for it; the count grows again only once it serves."""
+    startup = 12
+    replicas, running, state, asked, counts = 1, 1, ScalingState(), {}, []
+    for i in range(40):
+        running = replicas - sum(1 for at in asked.values() if i - at < startup)
+        replicas, state, _ = decide(Signals(i * 5.0, replicas, running=running, **{**CALM, "sla_attainment": 0.9}),
+                                    state, CONFIG)
+        for k in range(len(asked) + 1, replicas):  # the new ones, by index
+            asked[k] = i
+        counts.append(replicas)
+    assert counts[:startup] == [2] * startup  # 1 running at pressure 2: 2, then it waits for the second
+    assert counts[startup:2 * startup] == [4] * startup  # 2 running, still pressure 2: 4, then it waits
+    assert counts[2 * startup] == 8  # 4 running, still pressure 2: the maximum
+
+
+def test_no_scale_down_while_a_replica_is_starting():
+    assert {r for r, _ in run([{**CALM, "running": 2}] * 100, replicas=3)} == {3}
 
 
 def test_hysteresis_between_up_and_down_thresholds_holds():
