@@ -14,6 +14,7 @@ from workers import benchmark
 from workers.engine import Engine, EngineConfig, Request
 from workers.engine.graphs import DecodeGraphs
 from workers.engine.runner import ModelRunner
+from workers.engine.scheduler import StepBatch
 from workers.generate import GenerationRequest, generate
 from workers.model.cache import NULL_BLOCK
 from workers.sampling import SamplingParams
@@ -39,8 +40,9 @@ def model(request, tiny_checkpoint):
                                          ("triton", "ASGKAS")], indirect=["model"])
 def test_the_static_step_gives_the_ordinary_steps_logits_and_writes(model, code):
     placement, memory = Placement.parse(code), model.config.memory_model(kv_bytes=4, page_tokens=4)
-    step, pool = benchmark.prefilled_rows(model, memory, placement, 21, 3, seed=1)  # 3 rows: bucket 4, 1 padded
-    twin_step, twin = benchmark.prefilled_rows(model, memory, placement, 21, 3, seed=1)
+    # Pools of 4 rows (buckets 1, 2, 4), 3 of them stepping: the static step pads one row, as a GPU's graphs do.
+    step, pool = first_rows(*benchmark.prefilled_rows(model, memory, placement, 21, 4, seed=1), 3)
+    twin_step, twin = first_rows(*benchmark.prefilled_rows(model, memory, placement, 21, 4, seed=1), 3)
     assert torch.equal(pool.arena.data, twin.arena.data)
     for s, context in zip(step.sequences + twin_step.sequences, [5, 21, 17] * 2):  # rows of different lengths
         s.num_computed = context
@@ -56,9 +58,17 @@ def test_the_static_step_gives_the_ordinary_steps_logits_and_writes(model, code)
                                    rtol=1e-5, atol=1e-5)
         for s in step.sequences + twin_step.sequences:
             s.num_computed += 1
-    assert static.graphs.steps == 3
+    assert static.graphs.steps == 3 and static.graphs.buckets == [1, 2, 4]
     pool.check_invariants()
     twin.check_invariants()
+
+
+def first_rows(step: StepBatch, pool, rows: int) -> tuple[StepBatch, object]:
+    """The first ``rows`` rows of ``step`` (the others stay allocated in ``pool``, untouched)."""
+    first = StepBatch()
+    for sequence, tokens in list(zip(step.sequences, step.token_ids))[:rows]:
+        first.add(sequence, tokens, True)
+    return first, pool
 
 
 def test_padding_rows_touch_only_the_null_block(model):
