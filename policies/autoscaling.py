@@ -15,7 +15,9 @@ load. The decision, each evaluation:
    ``debt_grace_s``, then one more replica (``quality-debt``), and the clock restarts;
 3. calm (pressure and debt under ``calm_fraction`` of their thresholds, and the cache occupancy the
    remaining replicas would see under ``utilisation_low``) held for ``downscale_stable_s``:
-   one replica fewer (``scale-down``), and the calm clock restarts;
+   one replica fewer (``scale-down``), and the calm clock restarts; while calm lasts, one more every
+   ``downscale_step_s`` (the first removal after any scale-up waits the whole stable period, the next
+   ones only long enough for a window of signals measured without the replica removed);
 4. otherwise hold (``steady``). Scale-ups wait ``upscale_cooldown_s`` after any change.
 
 Scale-ups count from the replicas *running*: the signals measure them, not the ones still starting
@@ -76,7 +78,8 @@ class ScalingConfig:
     utilisation_low: float = 0.5  # scale down only if the remaining replicas' cache occupancy stays under this
     calm_fraction: float = 0.5  # down-thresholds are this share of the up-thresholds (hysteresis)
     upscale_cooldown_s: float = 30.0  # after any change, before the next scale-up
-    downscale_stable_s: float = 300.0  # calm this long (and this long after any change) to remove one
+    downscale_stable_s: float = 300.0  # calm this long (and this long after a scale-up) to remove one
+    downscale_step_s: float = 60.0  # after a removal, calm this long to remove the next (at least window_s)
     max_scale_up_factor: float = 2.0  # one scale-up multiplies the replicas by at most this
 
     def __post_init__(self) -> None:
@@ -93,7 +96,7 @@ class ScalingConfig:
             raise ConfigError(f"quality_debt_budget must be in [0, 1), got {self.quality_debt_budget}")
         if not 0 < self.utilisation_low <= 1 or not 0 < self.calm_fraction < 1:
             raise ConfigError("utilisation_low must be in (0, 1] and calm_fraction in (0, 1)")
-        if min(self.debt_grace_s, self.upscale_cooldown_s, self.downscale_stable_s) < 0:
+        if min(self.debt_grace_s, self.upscale_cooldown_s, self.downscale_stable_s, self.downscale_step_s) < 0:
             raise ConfigError("autoscaling periods must not be negative")
         if self.max_scale_up_factor < 1:
             raise ConfigError(f"max_scale_up_factor must be at least 1, got {self.max_scale_up_factor}")
@@ -106,6 +109,7 @@ class ScalingState:
     debt_since: float | None = None  # quality debt above budget since then
     calm_since: float | None = None  # calm since then
     changed_at: float | None = None  # the last change decide() asked for
+    scaled_down_at: float | None = None  # the last scale-down (== changed_at: the last change was one)
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -168,7 +172,7 @@ def decide(signals: Signals, state: ScalingState, config: ScalingConfig) -> tupl
     debt_since = (state.debt_since if state.debt_since is not None else now) if in_debt else None
     calm = _calm(signals, config, load, replicas)
     calm_since = (state.calm_since if state.calm_since is not None else now) if calm else None
-    held = ScalingState(debt_since, calm_since, state.changed_at)
+    held = ScalingState(debt_since, calm_since, state.changed_at, state.scaled_down_at)
     cooling = state.changed_at is not None and now - state.changed_at < config.upscale_cooldown_s
 
     wants_up = None
@@ -188,10 +192,12 @@ def decide(signals: Signals, state: ScalingState, config: ScalingConfig) -> tupl
         if target <= replicas:
             return replicas, held, "replicas-starting"
         # the debt clock restarts: the next replica for debt needs another full grace period
-        return target, ScalingState(now if in_debt else None, None, now), wants_up
+        return target, ScalingState(now if in_debt else None, None, now, state.scaled_down_at), wants_up
     if in_debt:
         return replicas, held, "burst-absorbed"
-    if (calm and replicas > config.min_replicas and now - calm_since >= config.downscale_stable_s
-            and (state.changed_at is None or now - state.changed_at >= config.downscale_stable_s)):
-        return replicas - 1, ScalingState(None, now, now), "scale-down"
+    stepping_down = state.changed_at is not None and state.scaled_down_at == state.changed_at
+    stable_s = config.downscale_step_s if stepping_down else config.downscale_stable_s
+    if (calm and replicas > config.min_replicas and now - calm_since >= stable_s
+            and (state.changed_at is None or now - state.changed_at >= stable_s)):
+        return replicas - 1, ScalingState(None, now, now, now), "scale-down"
     return replicas, held, "steady"

@@ -123,14 +123,20 @@ class AutoscalingSettings(_Strict):
     calm_fraction: float = Field(0.5, gt=0, lt=1, description="Hysteresis: scaling down needs every signal under "
                                                               "this share of its scale-up threshold.")
     upscale_cooldown_s: float = Field(30.0, ge=0, description="Seconds after any change before the next scale-up.")
-    downscale_stable_s: float = Field(300.0, ge=0, description="Seconds of calm (and since any change) before one "
+    downscale_stable_s: float = Field(300.0, ge=0, description="Seconds of calm (and since any scale-up) before one "
                                                                "replica is removed.")
+    downscale_step_s: float = Field(60.0, ge=0, description="After a removal, seconds of calm before the next one "
+                                                             "(at least window_s: signals without the replica).")
     max_scale_up_factor: float = Field(2.0, ge=1, description="One scale-up multiplies the replicas by at most this.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "AutoscalingSettings":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        if self.downscale_step_s < self.window_s:
+            raise ValueError(f"downscale_step_s ({self.downscale_step_s}) is below window_s ({self.window_s}): the next "
+                             "removal would be decided on signals that still include the replica just removed; "
+                             "raise downscale_step_s to at least window_s")
         return self
 
 

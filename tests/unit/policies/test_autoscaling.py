@@ -11,7 +11,8 @@ from policies.errors import ConfigError
 
 CONFIG = ScalingConfig(min_replicas=1, max_replicas=8, sla_target=0.95, ttft_target_s=1.0, tpot_target_s=0.1,
                        queue_wait_target_s=0.5, quality_debt_budget=0.2, debt_grace_s=60, utilisation_low=0.5,
-                       calm_fraction=0.5, upscale_cooldown_s=20, downscale_stable_s=120, max_scale_up_factor=2.0)
+                       calm_fraction=0.5, upscale_cooldown_s=20, downscale_stable_s=120, downscale_step_s=30,
+                       max_scale_up_factor=2.0)
 CALM = dict(sla_attainment=1.0, ttft_s=0.2, tpot_s=0.02, queue_wait_s=0.0, quality_debt=0.0, utilisation=0.1)
 BUSY = dict(CALM, utilisation=0.9)  # budgets met at full quality: busy is not a reason to scale
 
@@ -90,12 +91,21 @@ def test_sla_pressure_scales_up_fast_but_not_during_the_cooldown():
 
 
 def test_scale_down_is_slow_one_replica_at_a_time_and_stops_at_min():
-    trace = run([CALM] * 120, replicas=4)[1:]  # 600 s of calm, stable period 120 s
+    trace = run([CALM] * 120, replicas=4)[1:]  # 600 s of calm, stable period 120 s, step 30 s
     counts = [r for r, _ in trace]
     assert counts[:24] == [4] * 24 and counts[24] == 3  # the first removal after 120 s of calm
     assert changes(trace) == [-1, -1, -1] and counts[-1] == 1
     downs = [i for i, (_, why) in enumerate(trace) if why == "scale-down"]
-    assert all(b - a >= 24 for a, b in zip(downs, downs[1:]))
+    assert [b - a for a, b in zip(downs, downs[1:])] == [6, 6]  # then one per step while calm lasts
+
+
+def test_after_a_scale_up_the_first_removal_waits_the_whole_stable_period_again():
+    load = [{**CALM, "queue_wait_s": 2.0}]  # pressure 4: one scale-up
+    trace = run([CALM] * 30 + load + [CALM] * 60, replicas=4)[1:]
+    downs = [i for i, (_, why) in enumerate(trace) if why == "scale-down"]
+    up = next(i for i, (_, why) in enumerate(trace) if why == "sla-pressure")
+    assert downs[0] == 24 and up == 30  # calm: one removal at 120 s, the load comes before the next
+    assert downs[1] - up >= 24  # after the scale-up, the stable period again, not the step
 
 
 def test_no_scale_down_while_quality_is_still_owed_or_load_would_be_too_high():

@@ -69,3 +69,13 @@ def test_prometheus_without_data_then_down_holds_the_count_and_says_which(tmp_pa
     seen += ticks_until(controller, scaling, "prometheus-unavailable")  # its last answer grows stale
     assert {replicas for replicas, _ in seen} == {2}
     assert {reason for _, reason in seen} <= {"no-signals", "prometheus-unavailable"}
+
+
+def test_a_downscale_step_shorter_than_the_signal_window_is_refused_with_the_fix():
+    from pydantic import ValidationError
+
+    from router.config import AutoscalingSettings
+
+    with pytest.raises(ValidationError, match="raise downscale_step_s to at least window_s"):
+        AutoscalingSettings(enabled=True, window_s=60, downscale_step_s=30)
+    assert AutoscalingSettings(enabled=True, window_s=30, downscale_step_s=30).downscale_step_s == 30
