@@ -27,8 +27,8 @@ class RequestClass:
 # Short chat and long-context requests: attention's decode and cache grow with context, the other mixers'
 # do not, so under load the long ones are where a cheaper placement keeps the budget.
 MIX = (
-    RequestClass("chat", 0.6, prompt_tokens=128, output_tokens=64, ttft_x=5.0, tpot_x=2.0),
-    RequestClass("long-context", 0.4, prompt_tokens=1536, output_tokens=32, ttft_x=5.0, tpot_x=2.0),
+    RequestClass("chat", 0.6, prompt_tokens=128, output_tokens=64, ttft_x=8.0, tpot_x=2.0),
+    RequestClass("long-context", 0.4, prompt_tokens=3000, output_tokens=32, ttft_x=3.0, tpot_x=2.0),
 )
 
 
@@ -113,22 +113,28 @@ def summarize(records: list[Record], seconds: float) -> dict:
     }
 
 
-_SAMPLE = re.compile(r"^supernet_requests_total\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$")
+_SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][\w:]*)\{(?P<labels>[^}]*)\}\s+(?P<value>\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
-def ok_by_preset(metrics_text: str) -> dict[str, float]:
-    """Served requests by preset, from the service's Prometheus text (``supernet_requests_total`` with
-    ``outcome="ok"``), summed over the processes that report it."""
-    counts: dict[str, float] = {}
+def sum_by(metrics_text: str, name: str, label: str, **where: str) -> dict[str, float]:
+    """``name``'s samples in Prometheus text, summed by one label over the processes that report them, keeping
+    those whose labels match ``where``."""
+    sums: dict[str, float] = {}
     for line in metrics_text.splitlines():
         match = _SAMPLE.match(line.strip())
-        if not match:
+        if not match or match["name"] != name:
             continue
         labels = dict(_LABEL.findall(match["labels"]))
-        if labels.get("outcome") == "ok":
-            counts[labels.get("preset", "none")] = counts.get(labels.get("preset", "none"), 0.0) + float(match["value"])
-    return counts
+        if all(labels.get(k) == v for k, v in where.items()):
+            key = labels.get(label, "none")
+            sums[key] = sums.get(key, 0.0) + float(match["value"])
+    return sums
+
+
+def ok_by_preset(metrics_text: str) -> dict[str, float]:
+    """Served requests by preset (``supernet_requests_total{outcome="ok"}``)."""
+    return sum_by(metrics_text, "supernet_requests_total", "preset", outcome="ok")
 
 
 def served_between(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
@@ -142,3 +148,14 @@ def mean_quality(served: dict[str, int], quality: dict[str, float]) -> float | N
     rated = {p: n for p, n in served.items() if p in quality}
     total = sum(rated.values())
     return round(sum(quality[p] * n for p, n in rated.items()) / total, 4) if total else None
+
+
+def prediction_ratios(before: str, after: str) -> dict[str, float]:
+    """Mean measured / predicted latency by kind (ttft, tpot) of the requests routed between two scrapes: how
+    well the service's predictions matched what it delivered."""
+    def delta(name):
+        b, a = sum_by(before, name, "kind"), sum_by(after, name, "kind")
+        return {k: a[k] - b.get(k, 0.0) for k in a}
+
+    sums, counts = delta("supernet_prediction_ratio_sum"), delta("supernet_prediction_ratio_count")
+    return {k: round(sums[k] / counts[k], 3) for k in sorted(counts) if counts[k] > 0 and k in sums}
