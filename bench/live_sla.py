@@ -299,7 +299,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         attainment.plot(rates, [r["attainment"] for r in mine], marker="o", label=policy)
         quality.plot(rates, [r["mean_quality"] for r in mine], marker="o", label=policy)
     attainment.set(xlabel="requests/s", ylabel="share meeting all budgets", ylim=(0, 1.05), title="SLA attainment")
-    quality.set(xlabel="requests/s", ylabel="mean predicted quality served", title="Served quality")
+    lowest = min([r["mean_quality"] for r in rows if r["mean_quality"] is not None] + [0.9])
+    quality.set(xlabel="requests/s", ylabel="mean predicted quality served", title="Served quality",
+                ylim=(lowest - 0.02, 1.01))  # a fixed preset's flat line stays a line, not the whole axis
     attainment.axhline(0.9, color="grey", linewidth=0.5, linestyle="--")
     attainment.legend(fontsize=7)
     figure.suptitle(title, fontsize=9)
@@ -317,8 +319,8 @@ def goal(rows: list[dict]) -> dict:
         return {"goal_rate": knee, "goal_met": None}
     sla, fastest = by[("sla", knee)], by.get(("fixed:fastest", knee))
     fastest_quality = fastest["mean_quality"] if fastest else None
-    met = (sla["attainment"] >= 0.9 and sla["mean_quality"] is not None and fastest_quality is not None
-           and sla["mean_quality"] > fastest_quality)
+    met = None if fastest_quality is None else (  # without the fastest preset's run it cannot be judged
+        sla["attainment"] >= 0.9 and sla["mean_quality"] is not None and sla["mean_quality"] > fastest_quality)
     return {"goal_rate": knee, "fixed_quality_attainment": by[("fixed:quality", knee)]["attainment"],
             "sla_attainment": sla["attainment"], "sla_quality": sla["mean_quality"],
             "fastest_attainment": fastest and fastest["attainment"], "fastest_quality": fastest_quality,

@@ -9,7 +9,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.live_trace import (MIX, Record, budgets, class_rates, class_requests, class_seed,  # noqa: E402
-                              mean_quality, meets, ok_by_preset, percentile, served_between, summarize)
+                              mean_quality, meets, ok_by_preset, percentile, prediction_ratios,
+                              served_between, summarize)
 
 
 def record(ttft=100.0, tpot=10.0, ok=True, ttft_budget=200.0, tpot_budget=20.0, error=None):
@@ -99,3 +100,15 @@ def test_served_quality_from_the_service_counters():
     assert served == {"custom": 1, "fastest": 3, "quality": 2}
     assert mean_quality(served, {"quality": 1.0, "fastest": 0.9}) == pytest.approx((2 * 1.0 + 3 * 0.9) / 5)
     assert mean_quality({}, {"quality": 1.0}) is None
+
+
+def test_prediction_ratios_are_the_mean_over_the_step():
+    before = 'supernet_prediction_ratio_sum{kind="tpot",preset="quality"} 2.0\n' \
+             'supernet_prediction_ratio_count{kind="tpot",preset="quality"} 2.0\n'
+    after = 'supernet_prediction_ratio_sum{kind="tpot",preset="quality"} 8.0\n' \
+            'supernet_prediction_ratio_sum{kind="tpot",preset="fast"} 1.0\n' \
+            'supernet_prediction_ratio_count{kind="tpot",preset="quality"} 4.0\n' \
+            'supernet_prediction_ratio_count{kind="tpot",preset="fast"} 1.0\n' \
+            'supernet_prediction_ratio_sum{kind="ttft",preset="quality"} 0.0\n' \
+            'supernet_prediction_ratio_count{kind="ttft",preset="quality"} 0.0\n'
+    assert prediction_ratios(before, after) == {"tpot": pytest.approx((8.0 - 2.0 + 1.0) / (4.0 - 2.0 + 1.0), abs=1e-3)}
