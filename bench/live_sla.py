@@ -341,6 +341,10 @@ def main() -> None:
     parser.add_argument("--guidellm", type=Path, default=GUIDELLM, help=f"GuideLLM's command (default {GUIDELLM})")
     parser.add_argument("--plot", type=Path, help="write the attainment/quality plot here")
     args = parser.parse_args()
+    # Ctrl-C and SIGTERM end the run through the services' shutdown, even where a shell started this in the
+    # background with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not args.guidellm.exists():
         fail(f"no GuideLLM at {args.guidellm}: `make guidellm` installs guidellm==0.8.1 in its own virtual "
              "environment there (or give --guidellm)")
