@@ -9,7 +9,8 @@ that the quality (all-attention) preset has for it on the idle service), 40% lon
 3x TTFT, 2x TPOT), streamed completions with `ignore_eos`. GuideLLM measures those idle latencies first, one
 request at a time (`--budgets` fixes the budgets instead). GuideLLM sends one extra body per process, so each
 class is its own GuideLLM process at its share of the rate, all started together, the class's `sla` in the
-backend's `extras`. A shed (429), an error or a request GuideLLM cut off counts as missed. TPOT is GuideLLM's
+backend's `extras`. A shed (429), an error, a request GuideLLM cut off or one missing from its output
+(`not-in-output`: GuideLLM 0.8.1 sometimes leaves a served request out) counts as missed. TPOT is GuideLLM's
 inter-token latency, (latency - TTFT) / (tokens - 1), the service's definition. Served quality comes from the
 service: `supernet_requests_total{outcome="ok"}` by preset at `GET /metrics`, scraped around each step and
 weighted by each preset's quality in the tables.
