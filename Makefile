@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test install clean
+.PHONY: run test install clean guidellm
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# GuideLLM (bench/live_sla.py's load tool) in its own environment: it brings its own torch and transformers.
+GUIDELLM := .cache/guidellm-venv/bin/guidellm
+$(GUIDELLM):
+	$(PYTHON) -m venv .cache/guidellm-venv
+	.cache/guidellm-venv/bin/pip install --quiet guidellm==0.8.1
+
+guidellm: $(GUIDELLM)
 
 run: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/supernet-router serve --host $(HOST) --port $(PORT)
