@@ -99,6 +99,22 @@ class Prometheus:
             raise ValueError(f"{expr!r}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]["result"]
 
+    def query_range(self, expr: str, start: float, end: float, step_s: float = 1.0) -> list[dict]:
+        """A range query's series (as a dashboard panel asks, over ``start``..``end``, unix seconds)."""
+        response = httpx.get(f"{self.url}/api/v1/query_range",
+                             params={"query": expr, "start": start, "end": end, "step": step_s}, timeout=10)
+        body = response.json()
+        if response.status_code != 200 or body.get("status") != "success":
+            raise ValueError(f"{expr!r}: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]["result"]
+
+    def names_since(self, selector: str, start: float) -> set[str]:
+        """Metric names of the series matching ``selector`` with samples since ``start`` (unix seconds),
+        including series that ended since (a gauge nobody sets any more ages out of Ray's export)."""
+        response = httpx.get(f"{self.url}/api/v1/label/__name__/values",
+                             params={"match[]": selector, "start": start, "end": time.time()}, timeout=10).json()
+        return set(response["data"])
+
     def value(self, expr: str) -> float | None:
         """The first sample's value, or None for an empty result."""
         result = self.query(expr)
