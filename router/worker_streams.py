@@ -125,8 +125,8 @@ class WorkerStreams:
     def _subscribe(self, replica_id: str | None) -> None:
         task = self._subscriptions.get(replica_id)
         if task is None or task.done():
-            self._subscriptions[replica_id] = asyncio.get_running_loop().create_task(
-                self._read(replica_id), context=contextvars.Context())  # for every request, not the first
+            # detached: it serves every request on that replica, not only the one that opened it
+            self._subscriptions[replica_id] = detached(asyncio.ensure_future, self._read(replica_id))
 
     async def _read(self, replica_id: str | None) -> None:
         reason = "its stream ended"

@@ -93,16 +93,14 @@ class Prometheus:
 
     def query(self, expr: str) -> list[dict]:
         """An instant query's result list; raises on a PromQL error."""
-        response = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
-        body = response.json()
-        if response.status_code != 200 or body.get("status") != "success":
-            raise ValueError(f"{expr!r}: {body.get('errorType')}: {body.get('error')}")
-        return body["data"]["result"]
+        return self._api("query", expr, {})
 
     def query_range(self, expr: str, start: float, end: float, step_s: float = 1.0) -> list[dict]:
         """A range query's series (as a dashboard panel asks, over ``start``..``end``, unix seconds)."""
-        response = httpx.get(f"{self.url}/api/v1/query_range",
-                             params={"query": expr, "start": start, "end": end, "step": step_s}, timeout=10)
+        return self._api("query_range", expr, {"start": start, "end": end, "step": step_s})
+
+    def _api(self, endpoint: str, expr: str, params: dict) -> list[dict]:
+        response = httpx.get(f"{self.url}/api/v1/{endpoint}", params={"query": expr, **params}, timeout=10)
         body = response.json()
         if response.status_code != 200 or body.get("status") != "success":
             raise ValueError(f"{expr!r}: {body.get('errorType')}: {body.get('error')}")
