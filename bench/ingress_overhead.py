@@ -25,7 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.procstat import free_port  # noqa: E402
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from router.local_ray import local_ray_environment  # noqa: E402
+
+local_ray_environment()
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ weighted by each preset's quality in the tables.
 
 Replicas: 2 worker replicas of 1 CPU each where the machine has 2 CPUs or more (the ingress reserves none),
 else 1; GuideLLM and the ingress share those CPUs. The speed table is the one the service profiles on its
-first run (under `~/.cache/supernet-router/speed/`): profile it on a quiet machine, a busy one records
-nonsense, or pass `--speed-table`. GuideLLM (`make guidellm`: guidellm==0.8.1 in `.cache/guidellm-venv`)
+first run (under `~/.cache/supernet-router/speed/`; it takes it again while the kept one was profiled
+beside other work, docs/tables.md), or pass `--speed-table`. GuideLLM (`make guidellm`: guidellm==0.8.1 in `.cache/guidellm-venv`)
 runs offline on the checkpoint's own tokenizer files. One JSON line (the policies at the lowest rate where
 fixed all-attention meets under half the budgets); the per-rate table goes to
 `bench/results/live-sla-sweep.json`, every request to `.cache/live-sla/requests.json`.
@@ -91,7 +91,7 @@ class Service:
         path.write_text(yaml.safe_dump(self.config))
         command = [str(ROOT / ".venv" / "bin" / "supernet-router"), "serve", "--config", str(path),
                    "--port", str(self.port), "--metrics-port", str(self.metrics_port)]
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_metrics_report_interval_ms": "1000"}
+        env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}  # serve sets up the rest of local Ray
         self.log = open(self.log_path, "w")
         # SIGINT back to its default: a shell's background job inherits it ignored, and then Ctrl-C never
         # reaches serve's shutdown.

@@ -28,7 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.procstat import free_port  # noqa: E402
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from router.local_ray import local_ray_environment  # noqa: E402
+
+local_ray_environment()
 PROMPTS = ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, item):", "# sort a list\n",
            "SELECT name FROM users WHERE", "for i in range(10):"]
 

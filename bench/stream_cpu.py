@@ -23,7 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.procstat import cpu_seconds, find_pids, free_port  # noqa: E402
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from router.local_ray import local_ray_environment  # noqa: E402
+
+local_ray_environment()
 
 
 async def stream_all(url: str, body: dict, streams: int) -> list[tuple[int, int]]:

@@ -77,6 +77,13 @@ class Measurement(_Model):
     repeats: int = Field(ge=1, description="timed runs per grid point; the median is kept")
     cache_fill: str = Field(description="how caches were filled to each context before timing")
     monotone: bool = Field(description="true: grids are the running maximum of the medians along each axis")
+    other_cpus: float | None = Field(None, ge=0, description="CPUs kept busy by other processes while profiling, "
+                                     "averaged (Linux /proc/stat); above BUSY_CPUS the times are slower than the "
+                                     "machine's own; null where it could not be measured (or older tables)")
+
+
+# Other processes' mean CPU use above which a CPU profile is not trusted as this machine's speed.
+BUSY_CPUS = 0.5
 
 
 class SpeedFile(_Model):

@@ -157,16 +157,16 @@ def run_generate(args) -> int:
 
 
 def run_serve(args) -> int:
-    import os
     import time
 
     from router.config import AppConfig
     from router.defaults import default_config
+    from router.local_ray import local_ray_environment
 
     for flag, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
         require_free_port(flag, args.host, port)
     config = AppConfig.from_yaml(args.config) if args.config else default_config()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    local_ray_environment()
     import ray
     from ray import serve
 

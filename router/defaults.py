@@ -6,16 +6,23 @@ with the tables made from it: held-out quality of sampled placements
 spread along the exact frontier (``presets.json``, costed with a CPU speed
 table). What cannot ship is this machine's own speed: the router's
 predictions need it, so the first run profiles the checkpoint here (about a
-minute) and keeps the table under SUPERNET_ROUTER_HOME.
+minute) and keeps the table under SUPERNET_ROUTER_HOME. A kept table is
+taken again when it no longer describes this machine and this code (another
+CPU, checkpoint or profiler; unreadable), or when other processes kept the
+CPUs busy while it was taken: a busy machine's times are slower than its own,
+and every budget would look unmeetable. Of two busy profiles the quieter one
+is kept. It is timed with a default worker's torch threads (one per CPU the
+replica reserves), since those are the steps it predicts.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from policies.errors import ConfigError
-from router.config import DEFAULT_HOME, AppConfig, PresetSettings
+from router.config import DEFAULT_HOME, AppConfig, PresetSettings, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +42,9 @@ def default_checkpoint() -> Path:
 def default_config(home: Path = DEFAULT_HOME) -> AppConfig:
     folder = default_checkpoint()
     speed = home / "speed" / f"{folder.name}-cpu.json"
-    if not speed.exists():
-        _profile(folder, speed)
+    kept, stale = _kept_profile(folder, speed)
+    if stale:
+        _profile(folder, speed, stale, kept)
     presets = default_presets(folder / "presets.json")
     return AppConfig(model={"checkpoint": str(folder)}, presets=presets,
                      tables={"speed": str(speed), "acceptance": str(folder / "acceptance.json")})
@@ -66,14 +74,65 @@ def default_presets(path: Path) -> list[PresetSettings]:
     return presets
 
 
-def _profile(folder: Path, out: Path) -> None:
+def _kept_profile(folder: Path, path: Path):
+    """The speed table kept from an earlier run (or None), and why it must be taken again (or None)."""
+    from policies.errors import TableMismatch
+    from policies.tables import BUSY_CPUS, SpeedFile, read_table
+    from workers import profiling
+
+    if not path.exists():
+        return None, "first run"
+    try:
+        table = read_table(path, SpeedFile)
+    except (ConfigError, TableMismatch) as error:
+        return None, f"the kept table is unreadable ({error})"
+    with _worker_threads():
+        here = profiling.device_name(profiling.resolve_device("cpu"))
+    made, measured = table.fingerprint, table.measurement
+    if made.model_sha256 != profiling.checkpoint_sha256(folder):
+        return None, "the kept table was made for another build of the checkpoint"
+    if made.device != here:
+        return None, f"the kept table was measured on {made.device}, this is {here}"
+    if made.software != profiling.software() or measured.cache_fill != profiling.CACHE_FILL:
+        return None, f"the kept table was made by other software ({made.software})"
+    if measured.other_cpus is not None and measured.other_cpus > BUSY_CPUS:
+        return table, f"other processes kept {measured.other_cpus:.1f} CPUs busy while the kept table was taken"
+    return table, None
+
+
+def _profile(folder: Path, out: Path, why: str, kept=None) -> None:
+    """Profile the checkpoint here and write ``out``; keep ``kept`` instead if it was taken under less load."""
     from policies.tables import write_table
     from workers import profiling
 
-    log.warning("profiling the default checkpoint on this CPU (first run, about a minute) -> %s", out)
+    log.warning("profiling the default checkpoint on this CPU (%s; about a minute) -> %s", why, out)
     device = profiling.resolve_device("cpu")
     grid = profiling.DEFAULT_GRIDS["cpu"]
-    target = profiling.load_target(folder, None, device, profiling.resolve_dtype(None, device))
-    table = profiling.profile(target, grid["batches"], grid["contexts"], grid["prefill_chunk"], progress=False)
+    with _worker_threads():
+        target = profiling.load_target(folder, None, device, profiling.resolve_dtype(None, device))
+        table = profiling.profile(target, grid["batches"], grid["contexts"], grid["prefill_chunk"], progress=False)
+    if kept is not None and not _quieter(table, kept):
+        log.warning("the CPUs were as busy this time: keeping %s; profile on a quiet machine with "
+                    "`supernet-router profile --checkpoint %s --device cpu --out %s`", out, folder, out)
+        return
     out.parent.mkdir(parents=True, exist_ok=True)
     write_table(out, table)
+
+
+def _quieter(new, old) -> bool:
+    """Whether ``new`` was profiled beside less of other processes' work than ``old`` (unknown counts as quiet)."""
+    return (new.measurement.other_cpus or 0.0) < (old.measurement.other_cpus or 0.0)
+
+
+@contextmanager
+def _worker_threads():
+    """Torch threads as a default worker replica runs them (one per CPU it reserves): the table must time the
+    steps the workers take, not this process's."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(WorkerSettings().num_cpus)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

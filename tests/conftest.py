@@ -7,7 +7,9 @@ import os
 # Before numpy/torch load their BLAS: one thread each (see below).
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+from router.local_ray import local_ray_environment  # noqa: E402
+
+local_ray_environment()  # before any test starts a Ray
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

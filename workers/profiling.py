@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import platform
 import statistics
 import time
@@ -37,12 +39,14 @@ from tqdm import tqdm
 
 from policies.errors import ConfigError
 from policies.placement import MIXERS, Placement
-from policies.tables import Fingerprint, Measurement, MemoryEntry, SpeedFile, utc_now
+from policies.tables import BUSY_CPUS, Fingerprint, Measurement, MemoryEntry, SpeedFile, utc_now
 from workers.model.batch import CacheRows, ForwardBatch
 from workers.model.config import SupernetConfig, parse_config, supernet_config_dict
 from workers.model.layers import DepthwiseConv
 from workers.model.loader import FP32_PARAMETERS, load_checkpoint, safetensors_files
 from workers.model.supernet import SupernetLM
+
+log = logging.getLogger(__name__)
 
 # Super Apriel 15B (shared/design/SUPERNET.md). max_position_embeddings is not
 # public; it only bounds nothing here (rotary angles are computed per position).
@@ -153,6 +157,40 @@ def load_target(checkpoint: Path | None, shape: str | None, device: torch.device
     return ProfileTarget(model.eval(), f"shape:{shape}", digest, parse_config(raw))
 
 
+def cpu_busy_seconds(stat: str) -> float:
+    """Seconds all CPUs have been busy since boot, from the text of /proc/stat (its first, aggregate line).
+    Steal counts as busy: on a VM it is time other guests took from us."""
+    fields = stat.split("\n", 1)[0].split()
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        raise ValueError(f"not a /proc/stat aggregate line: {stat[:60]!r}")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class OtherLoad:
+    """Mean CPUs that other processes kept busy between ``__init__`` and ``cpus()``: the whole machine's busy
+    time (/proc/stat) minus this process's own. A profile taken beside other work records a slower machine
+    than this one; the table keeps the figure so that what loads it can tell. None where /proc/stat is absent."""
+
+    def __init__(self):
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        try:
+            busy = cpu_busy_seconds(Path("/proc/stat").read_text())
+        except (OSError, ValueError):
+            return None
+        return time.monotonic(), busy, time.process_time()
+
+    def cpus(self) -> float | None:
+        end = self._sample()
+        if self._start is None or end is None or end[0] <= self._start[0]:
+            return None
+        wall, busy, own = (b - a for a, b in zip(self._start, end))
+        return round(max(0.0, (busy - own) / wall), 3)
+
+
 class Timer:
     """Median ms of ``repeats`` timed runs after ``warmup`` untimed ones; ``reset`` runs untimed before each."""
 
@@ -211,6 +249,7 @@ def profile(target: ProfileTarget, batches: Sequence[int], contexts: Sequence[in
     total = len(mixers) * (len(batches) * len(contexts) + len(prefill_contexts)) + 2 * len(tokens)
     bar = tqdm(total=total, desc=f"profile {target.name}", unit="point", disable=None if progress is None else not progress)
     hidden = config.hidden_size
+    others = OtherLoad()
 
     def timed(run, reset=lambda: None) -> float:
         value = timer(run, reset)
@@ -238,6 +277,11 @@ def profile(target: ProfileTarget, batches: Sequence[int], contexts: Sequence[in
         shared.append(timed(layer))
         head.append(timed(logits))
     bar.close()
+    other_cpus = others.cpus() if model.device.type == "cpu" else None  # a GPU's kernels do not share the CPUs
+    if other_cpus is not None and other_cpus > BUSY_CPUS:
+        log.warning("other processes kept %.1f CPUs busy while profiling: these times are slower than this "
+                    "machine's own; profile again on a quiet machine", other_cpus)
+
     def monotone(values, axes: int) -> list:
         grid = np.maximum.accumulate(np.maximum.accumulate(np.asarray(values), axis=0), axis=axes - 1)
         return [float(f"{v:.6g}") for v in grid] if axes == 1 else [[float(f"{v:.6g}") for v in r] for r in grid]
@@ -256,5 +300,6 @@ def profile(target: ProfileTarget, batches: Sequence[int], contexts: Sequence[in
         prefill_ms_per_token={m: monotone(g, 1) for m, g in prefill.items()},
         tokens=tokens, shared_ms=monotone(shared, 1), head_ms=monotone(head, 1),
         memory=MemoryEntry.model_validate(config.memory_model(kv_bytes=element).to_dict()),
-        measurement=Measurement(warmup=warmup, repeats=repeats, cache_fill=CACHE_FILL, monotone=True),
+        measurement=Measurement(warmup=warmup, repeats=repeats, cache_fill=CACHE_FILL, monotone=True,
+                                other_cpus=other_cpus),
     )

@@ -1,4 +1,4 @@
-"""One local Ray + Serve for the whole e2e run (RAY_AUTH_MODE=disabled), with four applications:
+"""One local Ray + Serve for the whole e2e run (router/local_ray.py's environment), with four applications:
 the default one, one with API keys, one with tiny queues for the overload path, and one routed by
 budget. Ray's metrics agent listens on ``ServeCluster.metrics_port`` (test_metrics.py scrapes it)."""
 
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # On a loaded 2-core machine a new process takes seconds to import Ray Serve: Serve's defaults (its HTTP proxy
 # ready within 5 s, health checks answered within 10 s) kill a healthy proxy there, and the whole session's
 # cluster with it. The cluster inherits these from this process at ray.init.

@@ -25,6 +25,17 @@ NEVER_HANGS_S = 120.0  # a stream on a dead replica must end well within this
 RESTART_WITHIN_S = 240.0  # Serve replacing a dead replica: a new process importing torch, on 2 busy cores
 
 
+def test_ray_workers_run_at_the_normal_priority_so_other_programs_cannot_starve_the_service(serve_cluster):
+    """Ray's default (nice 15) lets any other busy program take the CPUs from the replicas (router/local_ray.py)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray.get(niceness.remote(), timeout=NEVER_HANGS_S) == 0
+
+
 def deploy(name: str, config: dict):
     from ray import serve
 

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def test_profile_writes_a_valid_table(speed, tiny_checkpoint):
     assert table.batches == [1, 2, 4] and table.contexts == [16, 64] and table.prefill_contexts == [0, 16, 64]
     assert set(table.decode_ms) == {"attention", "sliding_window", "gdn", "kda"}
     assert table.tokens == [1, 2, 4, 16]
+    assert sys.platform != "linux" or table.measurement.other_cpus >= 0  # measured from /proc/stat
     model = read_speed_model(speed)
     placement = Placement.parse("ASGKAS")
     assert model.homogeneous_step(placement, 2, 64).ms > 0

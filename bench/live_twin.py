@@ -1,0 +1,132 @@
+"""The live SLA benchmark's setting in the discrete-event simulator: its prediction beside the live result.
+
+Same service as `bench/live_sla.py` runs (the default configuration: the embedded checkpoint's presets and
+qualities, the speed table the service uses, each worker's cache budget and prefill chunk, the router's
+margin and stats period, the same replica count), same mix, budgets, rates and seconds per rate, read from
+the live run's record (the last line of `bench/results/live_sla.jsonl` and its per-rate table
+`bench/results/live-sla-sweep.json`), or given (`--budgets`, `--rates`: a prediction before a live run,
+e.g. to choose the rates). The simulator's replicas batch as the engine does and take their step times
+from that speed table (bench/simcore.py); it does not model the HTTP path, the load tool's own CPU
+beside the workers, nor speculative decoding (which the live SLA policy may choose). Each policy and rate
+runs ``--seeds`` Poisson draws of the live run's length: a live step of 60 s is one such draw, so its
+attainment is compared with the range of the simulated ones. One JSON line: per policy and rate, live and
+simulated attainment and quality, and the largest gap outside the simulated range.
+
+    .venv/bin/python bench/live_twin.py                               # beside the recorded live run
+    .venv/bin/python bench/live_twin.py --rates 0.5,1,2,4 --budgets '{"chat": {"ttft_ms": 400, "tpot_ms": 30}, "long-context": {"ttft_ms": 3000, "tpot_ms": 40}}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench.live_trace import MIX, class_rates  # noqa: E402
+from simcore import SimRequest  # noqa: E402
+from simulate import run as simulate  # noqa: E402
+
+RECORD = ROOT / "bench" / "results" / "live_sla.jsonl"
+SWEEP = ROOT / "bench" / "results" / "live-sla-sweep.json"
+
+
+def fail(message: str) -> None:
+    sys.exit(f"live_twin.py: {message}")
+
+
+def the_service(speed_table: str | None):
+    """The default configuration's predictor and worker/routing settings (what `supernet-router serve` runs)."""
+    from policies.placement import Placement
+    from policies.routing import PresetInfo
+    from policies.routing.predict import Predictor
+    from policies.tables import read_speed_model
+    from router.config import AppConfig
+    from bench.live_sla import service_config
+
+    config = AppConfig.from_dict(service_config("sla", 1, speed_table), source="live_twin")
+    speed = config.tables.speed
+    presets = [PresetInfo(p.name, Placement.parse(p.placement), p.quality) for p in config.presets]
+    return Predictor(read_speed_model(Path(speed)), presets), config, speed
+
+
+def arrivals(rate: float, seconds: float, budgets: dict, seed: int) -> list[SimRequest]:
+    """Each class's own Poisson stream at its share of ``rate`` for ``seconds`` (as live_sla's GuideLLM
+    processes send them), merged by time."""
+    rng, out = random.Random(seed), []
+    for klass in MIX:
+        now, rate_here = 0.0, class_rates(rate)[klass.name]
+        while (now := now + rng.expovariate(rate_here)) < seconds:
+            budget = budgets[klass.name]
+            out.append(SimRequest(now, klass.prompt_tokens, klass.output_tokens, budget.get("ttft_ms"),
+                                  budget.get("tpot_ms"), None, 0, klass.name))
+    return sorted(out, key=lambda r: r.arrival)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", help="total requests/s, comma-separated (default: the live run's)")
+    parser.add_argument("--budgets", help='JSON {class: {"ttft_ms":..,"tpot_ms":..}} (default: the live run\'s)')
+    parser.add_argument("--seconds", type=float, help="seconds of arrivals per rate (default: the live run's)")
+    parser.add_argument("--replicas", type=int, help="worker replicas (default: the live run's)")
+    parser.add_argument("--policies", help="comma-separated (default: the live run's)")
+    parser.add_argument("--speed-table", help="the service's speed table (default: the one the service uses)")
+    parser.add_argument("--seeds", type=int, default=20, help="Poisson draws per policy and rate (default 20)")
+    args = parser.parse_args()
+    live = json.loads(RECORD.read_text().strip().splitlines()[-1]) if RECORD.exists() else {}
+    rows = json.loads(SWEEP.read_text()) if SWEEP.exists() and live else []
+    if not live and not (args.rates and args.budgets):
+        fail(f"no live run is recorded ({RECORD.relative_to(ROOT)}): give --rates and --budgets, or run "
+             "`bench/report.py run live_sla` first")
+    try:
+        budgets = json.loads(args.budgets) if args.budgets else live["budgets"]
+    except json.JSONDecodeError as error:
+        fail(f"--budgets is not JSON ({error})")
+    if missing := [c.name for c in MIX if c.name not in budgets]:
+        fail(f"--budgets has no budget for {', '.join(missing)}")
+    rates = [float(r) for r in args.rates.split(",")] if args.rates else live["rates"]
+    seconds = args.seconds or live.get("seconds_per_rate", 60.0)
+    replicas = args.replicas or live.get("replicas", 2)
+    predictor, config, speed = the_service(args.speed_table)
+    names = [p.name for p in predictor.presets]
+    policies = (args.policies.split(",") if args.policies
+                else live.get("policies") or ["sla", *[f"fixed:{n}" for n in names], "least-loaded"])
+    measured = {(r["policy"], r["rate"]): r for r in rows}
+    out, worst = [], None
+    for policy in policies:
+        for rate in rates:
+            draws = []
+            for seed in range(args.seeds):
+                requests = arrivals(rate, seconds, budgets, seed)
+                result = simulate(policy, predictor, requests, replicas, config.worker.cache_budget_bytes,
+                                  config.worker.max_prefill_tokens, config.routing.stats_period_s,
+                                  config.routing.margin)
+                draws.append((result["attainment"], result["mean_quality"]))
+            attainment = sorted(a for a, _ in draws)
+            row = {"policy": policy, "rate": rate,
+                   "sim_attainment": round(sum(attainment) / len(attainment), 3),
+                   "sim_range": [attainment[len(attainment) // 20], attainment[-1 - len(attainment) // 20]],
+                   "sim_quality": round(sum(q for _, q in draws) / len(draws), 4)}
+            if (policy, rate) in measured:
+                seen = measured[(policy, rate)]
+                low, high = row["sim_range"]
+                gap = max(low - seen["attainment"], seen["attainment"] - high, 0.0)
+                row |= {"live_attainment": seen["attainment"], "live_quality": seen["mean_quality"],
+                        "gap_outside_range": round(gap, 3)}
+                if worst is None or gap > worst["gap_outside_range"]:
+                    worst = row
+            out.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    print(json.dumps({"bench": "live_twin", "replicas": replicas, "seconds_per_rate": seconds, "seeds": args.seeds,
+                      "budgets": budgets, "speed_table": str(speed), "compared_with_live": bool(measured),
+                      "largest_gap": worst and {k: worst[k] for k in ("policy", "rate", "live_attainment",
+                                                                      "sim_range", "gap_outside_range")},
+                      "rows": out}))
+
+
+if __name__ == "__main__":
+    main()
