@@ -9,8 +9,9 @@ e.g. to choose the rates). The simulator's replicas batch as the engine does and
 from that speed table (bench/simcore.py); it does not model the HTTP path, the load tool's own CPU
 beside the workers, nor speculative decoding (which the live SLA policy may choose). Each policy and rate
 runs ``--seeds`` Poisson draws of the live run's length: a live step of 60 s is one such draw, so its
-attainment is compared with the range of the simulated ones. One JSON line: per policy and rate, live and
-simulated attainment and quality, and the largest gap outside the simulated range.
+attainment is compared with the range of the simulated ones (5th to 95th percentile). One JSON line:
+live and simulated attainment per policy and rate, and the largest gap outside the simulated range; the
+per-rate table (quality too) goes to `bench/results/live-twin-sweep.json`.
 
     .venv/bin/python bench/live_twin.py                               # beside the recorded live run
     .venv/bin/python bench/live_twin.py --rates 0.5,1,2,4 --budgets '{"chat": {"ttft_ms": 400, "tpot_ms": 30}, "long-context": {"ttft_ms": 3000, "tpot_ms": 40}}'
@@ -33,6 +34,7 @@ from simulate import run as simulate  # noqa: E402
 
 RECORD = ROOT / "bench" / "results" / "live_sla.jsonl"
 SWEEP = ROOT / "bench" / "results" / "live-sla-sweep.json"
+OUT = ROOT / "bench" / "results" / "live-twin-sweep.json"
 
 
 def fail(message: str) -> None:
@@ -121,11 +123,15 @@ def main() -> None:
                     worst = row
             out.append(row)
             print(json.dumps(row), file=sys.stderr)
+    OUT.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({"bench": "live_twin", "replicas": replicas, "seconds_per_rate": seconds, "seeds": args.seeds,
                       "budgets": budgets, "speed_table": str(speed), "compared_with_live": bool(measured),
                       "largest_gap": worst and {k: worst[k] for k in ("policy", "rate", "live_attainment",
                                                                       "sim_range", "gap_outside_range")},
-                      "rows": out}))
+                      # policy@rate: [live attainment (null: no live run), simulated mean]
+                      "attainment_live_sim": {f"{r['policy']}@{r['rate']:g}": [r.get("live_attainment"),
+                                                                              r["sim_attainment"]] for r in out},
+                      "sweep": str(OUT.relative_to(ROOT))}))
 
 
 if __name__ == "__main__":
