@@ -112,8 +112,8 @@ def _profile(folder: Path, out: Path, why: str, kept=None) -> None:
         target = profiling.load_target(folder, None, device, profiling.resolve_dtype(None, device))
         table = profiling.profile(target, grid["batches"], grid["contexts"], grid["prefill_chunk"], progress=False)
     if kept is not None and not _quieter(table, kept):
-        log.warning("the CPUs were as busy this time: keeping %s; profile on a quiet machine with "
-                    "`supernet-router profile --checkpoint %s --device cpu --out %s`", out, folder, out)
+        log.warning("the CPUs were as busy this time: keeping %s; it is taken again at the next start, "
+                    "which should find the machine quieter", out)
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     write_table(out, table)
