@@ -2,8 +2,8 @@
 
 Streams ``--streams`` completions of ``--tokens`` tokens at once (after a warm-up) and prints HTTP
 tokens/s; the engine's own decode tokens/s at that batch (``engine_``: the worker's full-batch decode
-steps during the HTTP run; ``alone_``: the same engine stepped in this process afterwards, nothing else
-running; ``alone_cpu_ms_per_token``: its CPU time, the comparison a busy machine leaves intact); and the CPU
+steps during the HTTP run; ``alone_``: the same engine stepped in this process afterwards with the
+worker's torch threads, nothing else running; ``alone_cpu_ms_per_token``: its CPU time, the comparison a busy machine leaves intact); and the CPU
 ms (utime + stime from /proc, streaming phase only) per streamed token of the ingress replica, the Serve
 HTTP proxy and the worker replica. One JSON line. As ``supernet-router serve`` runs it, the ingress serves HTTP
 itself (``path: "ingress"``, proxy 0); ``--serve-proxy``: through Serve's HTTP proxy (the Helm chart's path).
@@ -66,8 +66,12 @@ def engine_alone(config, streams: int, tokens: int, prompt: str) -> tuple[float,
     from workers.model.tokenizer import Tokenizer
     from workers.sampling import SamplingParams
 
+    import torch
+
     checkpoint = str(resolve_checkpoint(config).resolve())
-    engine = build_engine(worker_spec(config, checkpoint))
+    spec = worker_spec(config, checkpoint)
+    torch.set_num_threads(max(1, spec.num_threads))  # as the worker replica runs it (workers/deployment.py)
+    engine = build_engine(spec)
     ids, code = Tokenizer.load(checkpoint).encode(prompt), config.presets[0].placement
     for _ in range(streams):
         engine.add_request(Request(ids, engine.model.config.placement(code),
