@@ -6,14 +6,17 @@ margin and stats period, the same replica count), same mix, budgets, rates and s
 the live run's record (the last line of `bench/results/live_sla.jsonl` and its per-rate table
 `bench/results/live-sla-sweep.json`), or given (`--budgets`, `--rates`: a prediction before a live run,
 e.g. to choose the rates). The simulator's replicas batch as the engine does and take their step times
-from that speed table (bench/simcore.py); it does not model the HTTP path, the load tool's own CPU
-beside the workers, nor speculative decoding (which the live SLA policy may choose). Each policy and rate
+from that speed table (bench/simcore.py), times ``--slowdown``: on this machine the load tool and the
+ingress share the workers' CPUs, and the service's own calibration factor (measured over predicted step
+time, `supernet_calibration_factor`) says by how much. It does not model the HTTP path nor speculative
+decoding (which the live SLA policy may choose). Each policy and rate
 runs ``--seeds`` Poisson draws of the live run's length: a live step of 60 s is one such draw, so its
 attainment is compared with the range of the simulated ones (5th to 95th percentile). One JSON line:
 live and simulated attainment per policy and rate, and the largest gap outside the simulated range; the
 per-rate table (quality too) goes to `bench/results/live-twin-sweep.json`.
 
     .venv/bin/python bench/live_twin.py                               # beside the recorded live run
+    .venv/bin/python bench/live_twin.py --slowdown 1.7                # replicas 1.7x slower than the table
     .venv/bin/python bench/live_twin.py --rates 0.5,1,2,4 --budgets '{"chat": {"ttft_ms": 400, "tpot_ms": 30}, "long-context": {"ttft_ms": 3000, "tpot_ms": 40}}'
 """
 
@@ -24,6 +27,8 @@ import json
 import random
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,6 +61,21 @@ def the_service(speed_table: str | None):
     return Predictor(read_speed_model(Path(speed)), presets), config, speed
 
 
+def slowed(predictor, speed: str, factor: float):
+    """The same presets on the speed table with every time multiplied by ``factor``: replicas that get a
+    share of the CPU the table was not measured with (the load tool and the ingress beside them)."""
+    from policies.cost import SpeedModel
+    from policies.routing.predict import Predictor
+    from policies.tables import SpeedFile
+
+    data = json.loads(Path(speed).read_text())
+    for key in ("decode_ms", "prefill_ms_per_token"):
+        data[key] = {m: (np.asarray(g) * factor).tolist() for m, g in data[key].items()}
+    for key in ("shared_ms", "head_ms"):
+        data[key] = [v * factor for v in data[key]]
+    return Predictor(SpeedModel.from_file(SpeedFile.model_validate(data)), predictor.presets)
+
+
 def arrivals(rate: float, seconds: float, budgets: dict, seed: int) -> list[SimRequest]:
     """Each class's own Poisson stream at its share of ``rate`` for ``seconds`` (as live_sla's GuideLLM
     processes send them), merged by time."""
@@ -78,6 +98,10 @@ def main() -> None:
     parser.add_argument("--policies", help="comma-separated (default: the live run's)")
     parser.add_argument("--speed-table", help="the service's speed table (default: the one the service uses)")
     parser.add_argument("--seeds", type=int, default=20, help="Poisson draws per policy and rate (default 20)")
+    parser.add_argument("--slowdown", type=float, default=1.0,
+                        help="the replicas' step times over the table's (the live service's calibration factor, "
+                             "supernet_calibration_factor; default 1: as profiled); the router still predicts "
+                             "with the table and calibrates online")
     args = parser.parse_args()
     live = json.loads(RECORD.read_text().strip().splitlines()[-1]) if RECORD.exists() else {}
     rows = json.loads(SWEEP.read_text()) if SWEEP.exists() and live else []
@@ -94,6 +118,9 @@ def main() -> None:
     seconds = args.seconds or live.get("seconds_per_rate", 60.0)
     replicas = args.replicas or live.get("replicas", 2)
     predictor, config, speed = the_service(args.speed_table)
+    if args.slowdown <= 0:
+        fail(f"--slowdown must be positive, got {args.slowdown}")
+    truth = slowed(predictor, speed, args.slowdown) if args.slowdown != 1 else None
     names = [p.name for p in predictor.presets]
     policies = (args.policies.split(",") if args.policies
                 else live.get("policies") or ["sla", *[f"fixed:{n}" for n in names], "least-loaded"])
@@ -106,7 +133,7 @@ def main() -> None:
                 requests = arrivals(rate, seconds, budgets, seed)
                 result = simulate(policy, predictor, requests, replicas, config.worker.cache_budget_bytes,
                                   config.worker.max_prefill_tokens, config.routing.stats_period_s,
-                                  config.routing.margin)
+                                  config.routing.margin, truth)
                 draws.append((result["attainment"], result["mean_quality"]))
             attainment = sorted(a for a, _ in draws)
             row = {"policy": policy, "rate": rate,
@@ -124,7 +151,8 @@ def main() -> None:
             out.append(row)
             print(json.dumps(row), file=sys.stderr)
     OUT.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({"bench": "live_twin", "replicas": replicas, "seconds_per_rate": seconds, "seeds": args.seeds,
+    print(json.dumps({"bench": "live_twin", "slowdown": args.slowdown, "replicas": replicas,
+                      "seconds_per_rate": seconds, "seeds": args.seeds,
                       "budgets": budgets, "speed_table": str(speed), "compared_with_live": bool(measured),
                       "largest_gap": worst and {k: worst[k] for k in ("policy", "rate", "live_attainment",
                                                                       "sim_range", "gap_outside_range")},

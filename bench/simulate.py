@@ -65,10 +65,12 @@ def workload(rate: float, count: int, seed: int) -> list[SimRequest]:
 
 
 def run(policy_name: str, predictor: Predictor, requests: list[SimRequest], replicas: int, budget: int,
-        chunk: int, stats_period: float, margin: float = 0.9) -> dict:
+        chunk: int, stats_period: float, margin: float = 0.9, truth: Predictor | None = None) -> dict:
+    """``truth``: the step times the replicas really take, where they differ from the table the router
+    predicts with (default: the same)."""
     policy = build_policy(policy_name, predictor, margin=margin)
     index = {p.name: i for i, p in enumerate(predictor.presets)}
-    fleet = [SimReplica(f"r{i}", budget, predictor) for i in range(replicas)]
+    fleet = [SimReplica(f"r{i}", budget, truth or predictor) for i in range(replicas)]
     events = [(r.arrival, 1, i) for i, r in enumerate(requests)]  # (time, kind 0 step-end / 1 arrival, id)
     heapq.heapify(events)
     snapshots, refreshed, dispatched = [s.snapshot(0.0) for s in fleet], 0.0, {}
