@@ -21,6 +21,7 @@ MISSING = ("the Prometheus server binary is not installed (Debian: `apt-get inst
 CONFIG = """\
 global:
   scrape_interval: {interval}
+  scrape_timeout: {interval}
   evaluation_interval: {interval}
 scrape_configs:
   - job_name: ray
@@ -44,6 +45,9 @@ class Prometheus:
     """``with Prometheus(folder, ["127.0.0.1:8080"]) as prom: prom.query("up")``."""
 
     def __init__(self, folder: Path, targets: list[str], scrape_interval_s: float = 1.0):
+        """A scrape times out after ``scrape_interval_s`` (Prometheus allows no longer): a target that takes longer
+        to answer has no data at all. Ray's metrics agent, once a test session has run a few applications,
+        answers with thousands of series (2.5 MB) and takes about a second on a busy 2-core machine."""
         if BINARY is None:
             raise FileNotFoundError(MISSING)
         self.folder = Path(folder)
@@ -112,6 +116,13 @@ class Prometheus:
         response = httpx.get(f"{self.url}/api/v1/label/__name__/values",
                              params={"match[]": selector, "start": start, "end": time.time()}, timeout=10).json()
         return set(response["data"])
+
+    def scrape_health(self) -> list[str]:
+        """Each target's health, last error and last scrape's duration: what a test says when data is missing."""
+        body = httpx.get(f"{self.url}/api/v1/targets", timeout=10).json()
+        return [f"{t['scrapeUrl']}: {t['health']}, last scrape {t['lastScrapeDuration']:.2f} s of "
+                f"{t['scrapeTimeout']} allowed{', error: ' + t['lastError'] if t['lastError'] else ''}"
+                for t in body["data"]["activeTargets"]]
 
     def value(self, expr: str) -> float | None:
         """The first sample's value, or None for an empty result."""

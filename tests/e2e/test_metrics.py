@@ -29,8 +29,13 @@ SCALE_UP_WITHIN_S = 60.0  # from the start of the load to the autoscaler asking 
 REPLICA_START_WITHIN_S = 240.0
 SCALE_DOWN_WITHIN_S = 60.0  # from the end of the load to one worker replica again
 PANELS_WITHIN_S = 120.0  # from the end of the load to every panel returning data (Ray exports, then Prometheus scrapes: slow under load)
+# Prometheus scrapes Ray's metrics agent every SCRAPE_S, and gives up on a scrape after as long. By the time these
+# tests run, the session's applications have left the agent thousands of series that take it about a second to
+# answer on a busy 2-core machine: at a 1 s scrape, most scrapes timed out and no autoscaler series arrived
+# within a minute (a CI failure). The autoscaler's window holds at least three scrapes.
+SCRAPE_S = 3.0
 AUTOSCALING = {  # short windows and periods, so that the test takes seconds, not minutes
-    "enabled": True, "min_replicas": 1, "max_replicas": 2, "window_s": 5, "interval_s": 1,
+    "enabled": True, "min_replicas": 1, "max_replicas": 2, "window_s": 4 * SCRAPE_S, "interval_s": 1,
     "sla_target": 0.5, "queue_wait_target_s": 0.05, "quality_debt_budget": 0.5, "debt_grace_s": 5,
     "utilisation_low": 0.5, "upscale_cooldown_s": 5, "downscale_stable_s": 5,
 }
@@ -68,7 +73,8 @@ def prometheus_binary():
 
 @pytest.fixture(scope="module")
 def prometheus(prometheus_binary, serve_cluster, tmp_path_factory):
-    prom = Prometheus(tmp_path_factory.mktemp("prometheus"), [f"127.0.0.1:{serve_cluster.metrics_port}"]).start()
+    prom = Prometheus(tmp_path_factory.mktemp("prometheus"), [f"127.0.0.1:{serve_cluster.metrics_port}"],
+                      scrape_interval_s=SCRAPE_S).start()
     yield prom
     prom.stop()
 
@@ -139,7 +145,7 @@ def test_autoscaler_reading_prometheus_scales_workers_up_under_load_and_back_dow
             decided = wait_until(lambda: desired() == 2, SCALE_UP_WITHIN_S)
             decided_s = time.monotonic() - started
             assert decided, (f"the autoscaler did not ask for a second worker within {SCALE_UP_WITHIN_S} s of "
-                             f"load: decisions {reasons()}, last inputs {inputs()}")
+                             f"load: decisions {reasons()}, last inputs {inputs()}; {prometheus.scrape_health()}")
             up = wait_until(lambda: running_workers() == 2, REPLICA_START_WITHIN_S)
             scaled_up_s = time.monotonic() - started
             assert up, f"asked for, but no second worker running {REPLICA_START_WITHIN_S} s later"
@@ -210,9 +216,10 @@ def test_every_documented_metric_is_exported_and_every_dashboard_panel_returns_d
     missing = wait_until(lambda: not (set(documented) - exported()), PANELS_WITHIN_S)
     speculation = [line for line in httpx.get(f"{scaled}/metrics").text.splitlines()
                    if line.startswith(("supernet_drafted", "supernet_accepted"))]  # the service's own view
-    assert missing, f"documented but not exported: {sorted(set(documented) - exported())}; {speculation}"
+    assert missing, (f"documented but not exported: {sorted(set(documented) - exported())}; {speculation}; "
+                     f"{prometheus.scrape_health()}")
     assert wait_until(lambda: not empty_panels(), PANELS_WITHIN_S, period_s=2), \
-        "panels without data:\n" + "\n".join(empty_panels())
+        "panels without data:\n" + "\n".join(empty_panels() + prometheus.scrape_health())
     everywhere = {n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
                   for n in prometheus.metric_names()}
     assert everywhere <= set(documented), f"exported but not in docs/metrics.md: {sorted(everywhere - set(documented))}"
