@@ -57,3 +57,17 @@ def find_pids(port: int) -> dict[str, int | None]:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK_S  # utime, stime
+
+
+def thread_cpu_seconds(pid: int, name: str) -> float:
+    """CPU seconds of the process's threads with this OS-level name (``workers.engine.async_engine`` names
+    its step thread ``engine-step``); 0 if none has it."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() == name:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / TICK_S
+        except OSError:
+            continue
+    return total

@@ -240,14 +240,17 @@ class WorkerServer:
         faults.arm(steps)
         return faults.armed
 
-    def record_routing_stats(self) -> dict:
-        """What the router needs of this replica's load, pushed by Serve every routing stats period."""
+    async def record_routing_stats(self) -> dict:
+        """What the router needs of this replica's load, pushed by Serve every routing stats period.
+
+        A coroutine, so that Serve runs it on the replica's loop: a plain method goes to a thread pool, a
+        thread hop ten times a second for a snapshot that takes microseconds."""
         stats = self.engine.stats()
         if self.observer is not None:
             self.observer.observe(stats)
         return routing_stats(stats)
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
+    async def record_autoscaling_stats(self) -> dict[str, float]:
         """This replica's load and quality signals, pulled by Serve for the autoscaling policy (in-process path)."""
         if self.observer is None:
             return {}

@@ -59,7 +59,7 @@ def test_a_replica_runs_on_any_serving_engine(make_engine, tiny_model, tiny_chec
 
     async def main():
         events = [event async for event in server.generate(request)]
-        stats = server.record_routing_stats()
+        stats = await server.record_routing_stats()
         await seam.stop()
         return events, stats
 
