@@ -71,8 +71,9 @@ def slowed(predictor, speed: str, factor: float):
     data = json.loads(Path(speed).read_text())
     for key in ("decode_ms", "prefill_ms_per_token"):
         data[key] = {m: (np.asarray(g) * factor).tolist() for m, g in data[key].items()}
-    for key in ("shared_ms", "head_ms"):
-        data[key] = [v * factor for v in data[key]]
+    for key in ("shared_ms", "head_ms", "engine_ms"):
+        if data.get(key) is not None:
+            data[key] = [v * factor for v in data[key]]
     return Predictor(SpeedModel.from_file(SpeedFile.model_validate(data)), predictor.presets)
 
 

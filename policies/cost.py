@@ -2,9 +2,13 @@
 
 The model (all times in ms, one decoder layer's worth of each part measured by ``profile``):
 
-    decode step  = L * shared(B) + head(B) + sum over layers l, over mixer groups g at l: decode[m_g](|g|, c_g)
+    decode step  = L * shared(B) + head(B) + engine(B) + sum over layers l, over mixer groups g at l: decode[m_g](|g|, c_g)
     prefill      = for each chunk of n <= prefill_chunk prompt tokens starting at context s:
-                   L * shared(n) + head(1) + n * sum over layers l: prefill[m_l](s)
+                   L * shared(n) + head(1) + engine(1) + n * sum over layers l: prefill[m_l](s)
+
+``engine(B)`` is what a whole engine step costs beyond its model parts (scheduling, the step's metadata,
+sampling, detokenizing): on a CPU with a small model it was most of a one-row step (1.5 ms of parts in a
+4.3 ms step), which every prediction missed before the table measured it.
 
 ``B`` is the number of rows in the step; a layer's rows are grouped by the mixer
 their placement gives that layer, and each group costs what a homogeneous group
@@ -115,6 +119,7 @@ class SpeedModel:
     tokens: tuple[int, ...]
     shared_ms: np.ndarray  # [tokens]
     head_ms: np.ndarray  # [tokens]
+    engine_ms: np.ndarray | None  # [batches]; None: a table made before it was measured (counted as 0)
     memory: CacheMemoryModel
 
     @classmethod
@@ -135,6 +140,7 @@ class SpeedModel:
             tokens=tuple(table.tokens),
             shared_ms=array(table.shared_ms),
             head_ms=array(table.head_ms),
+            engine_ms=None if table.engine_ms is None else array(table.engine_ms),
             memory=CacheMemoryModel.from_dict(table.memory.model_dump()),
         )
 
@@ -175,6 +181,16 @@ class SpeedModel:
         """Embedding lookup, final norm and lm_head for ``rows`` rows."""
         return _estimate(*interpolate(self.tokens, self.head_ms, rows, "head rows"))
 
+    def engine(self, rows: int) -> Estimate:
+        """The engine's own work in a step of ``rows`` rows, beside the model's (0 where the table has none)."""
+        if self.engine_ms is None:
+            return Estimate(0.0)
+        return _estimate(*interpolate(self.batches, self.engine_ms, rows, "engine rows"))
+
+    def step_fixed(self, rows: int) -> Estimate:
+        """What a step of ``rows`` rows costs whatever their mixers: shared layers, head and the engine's work."""
+        return Estimate.total([self.shared(rows).times(self.num_layers), self.head(rows), self.engine(rows)])
+
     # ---- whole steps ----
     def step(self, rows: Sequence[tuple[Placement, int]]) -> Estimate:
         """One decode step of ``rows`` (placement, cached context) pairs, each adding one token."""
@@ -182,8 +198,7 @@ class SpeedModel:
             return Estimate(0.0)
         for placement, _ in rows:
             self.check_placement(placement)
-        batch = len(rows)
-        parts = [self.shared(batch).times(self.num_layers), self.head(batch)]
+        parts = [self.step_fixed(len(rows))]
         for layer in range(self.num_layers):
             groups: dict[Mixer, list[int]] = {}
             for placement, context in rows:
@@ -203,7 +218,7 @@ class SpeedModel:
         parts, start = [], 0
         while start < prompt_tokens:
             n = min(chunk, prompt_tokens - start)
-            parts += [self.shared(n).times(self.num_layers), self.head(1)]
+            parts += [self.shared(n).times(self.num_layers), self.head(1), self.engine(1)]
             parts += [self.mixer_prefill_per_token(m, start).times(n) for m in placement]
             start += n
         return Estimate.total(parts)
@@ -244,14 +259,14 @@ class OperatingCost:
     """Decode-step cost of any placement at one operating point: ``offset + sum_l per_layer[l, mixer_l]``."""
 
     per_layer: np.ndarray  # [L, 4] in MIXERS order
-    offset: float  # shared layers and head (0 for the linear count models)
+    offset: float  # shared layers, head and the engine's own work (0 for the linear count models)
     unit: str  # "ms" or "fa-layers"
     estimate: Estimate = Estimate(0.0)  # extrapolation flags of the operating point
 
     @classmethod
     def from_speed(cls, speed: SpeedModel, batch: int, context: int) -> "OperatingCost":
         per_layer, flags = speed.layer_costs(batch, context)
-        offset = Estimate.total([speed.shared(batch).times(speed.num_layers), speed.head(batch)])
+        offset = speed.step_fixed(batch)
         both = Estimate.total([flags, offset])
         return cls(per_layer, offset.ms, "ms", Estimate(offset.ms, both.extrapolated, both.reasons))
 

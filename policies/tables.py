@@ -101,6 +101,10 @@ class SpeedFile(_Model):
     tokens: list[int] = Field(description="shared grid: tokens in a step, increasing")
     shared_ms: list[Ms | None] = Field(description="[tokens]: ms for one layer's MLP, both norms and residual adds")
     head_ms: list[Ms | None] = Field(description="[tokens]: ms for embedding lookup, final norm and lm_head rows")
+    engine_ms: list[Ms] | None = Field(
+        None, description="[batches]: ms the engine spends per step beside the model's layers and head, by rows in "
+                          "the step: scheduling, step metadata, sampling, detokenizing (a whole engine step minus "
+                          "the parts above); absent (tables made before it): 0")
     memory: MemoryEntry = Field(description="cache shapes: policies.memory.CacheMemoryModel.to_dict()")
     measurement: Measurement = Field(description="how the times were taken")
 
@@ -125,6 +129,8 @@ class SpeedFile(_Model):
             check_grid(f"prefill_ms_per_token.{name}", row, [("context", self.prefill_contexts)])
         check_grid("shared_ms", self.shared_ms, [("tokens", self.tokens)])
         check_grid("head_ms", self.head_ms, [("tokens", self.tokens)])
+        if self.engine_ms is not None:
+            check_grid("engine_ms", self.engine_ms, [("batch", self.batches)])
         if len(self.memory.layers) != self.fingerprint.num_layers:
             raise ValueError(f"memory has {len(self.memory.layers)} layers, fingerprint.num_layers {self.fingerprint.num_layers}")
         return self

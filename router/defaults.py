@@ -95,6 +95,8 @@ def _kept_profile(folder: Path, path: Path):
         return None, f"the kept table was measured on {made.device}, this is {here}"
     if made.software != profiling.software() or measured.cache_fill != profiling.CACHE_FILL:
         return None, f"the kept table was made by other software ({made.software})"
+    if table.engine_ms is None:
+        return None, "the kept table predates the engine's own step time (engine_ms)"
     if measured.other_cpus is not None and measured.other_cpus > BUSY_CPUS:
         return table, f"other processes kept {measured.other_cpus:.1f} CPUs busy while the kept table was taken"
     return table, None

@@ -8,7 +8,11 @@ and stands for all of them:
 - prefill: each mixer runs one chunk of ``prefill_chunk`` tokens of one
   sequence whose cache holds ``context`` tokens (ms per token);
 - shared: the layer's MLP, both norms and residual adds on ``n`` tokens, and
-  the head (embedding lookup, final norm, lm_head) on ``n`` rows.
+  the head (embedding lookup, final norm, lm_head) on ``n`` rows;
+- engine: whole decode steps of an ``Engine`` (scheduler, step metadata,
+  sampling, detokenizing with the checkpoint's tokenizer) of ``batch``
+  all-attention rows at the first context, minus what the parts above predict
+  for that step: the work a step costs beside the model (never below 0).
 
 Caches are filled cheaply: only their sizes matter for the time, so random
 keys, values, states and conv history are written straight into the rows'
@@ -66,10 +70,12 @@ CACHE_FILL = "random keys/values/states written into the pool blocks of rows at 
 
 
 class ProfileTarget:
-    """The model to time plus what the table's fingerprint says about it."""
+    """The model to time plus what the table's fingerprint says about it; ``tokenizer``: the checkpoint's, so
+    that the engine's steps detokenize as when serving (None for a random-weight shape)."""
 
-    def __init__(self, model: SupernetLM, name: str, model_sha256: str, config: SupernetConfig):
+    def __init__(self, model: SupernetLM, name: str, model_sha256: str, config: SupernetConfig, tokenizer=None):
         self.model, self.name, self.model_sha256, self.config = model, name, model_sha256, config
+        self.tokenizer = tokenizer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,7 +137,11 @@ def load_target(checkpoint: Path | None, shape: str | None, device: torch.device
             if layer.mixers != first:
                 raise ConfigError(f"{checkpoint}: layer {i} has other mixer shapes than layer 0; the profiler "
                                   "times one layer for all and needs every layer alike")
-        return ProfileTarget(model, Path(checkpoint).name, checkpoint_sha256(Path(checkpoint)), model.config)
+        from workers.model.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(checkpoint) if (Path(checkpoint) / "tokenizer.json").exists() else None
+        return ProfileTarget(model, Path(checkpoint).name, checkpoint_sha256(Path(checkpoint)), model.config,
+                             tokenizer)
     if shape not in SHAPES:
         raise ConfigError(f"--shape {shape!r} is unknown: known are {', '.join(SHAPES)}")
     if device.type != "cuda":
@@ -237,6 +247,40 @@ def _mixer_run(model: SupernetLM, mixer, rows: int, tokens: int, context: int, s
     return lambda: module(x, group)
 
 
+def _engine_steps(target: ProfileTarget, batches: Sequence[int], context: int, warmup: int, repeats: int,
+                  timed: Callable[[Callable[[], float]], float]) -> list[float]:
+    """Median ms of a whole ``Engine.step()`` decoding ``batch`` all-attention rows at ``context``, per batch."""
+    from workers.engine import Engine, EngineConfig, Request
+    from workers.sampling import SamplingParams
+
+    model = target.model
+    placement = Placement.uniform(MIXERS[0], model.config.num_layers)
+    steps = warmup + repeats
+    element = torch.empty((), dtype=model.dtype).element_size()
+    per_row = model.config.memory_model(kv_bytes=element).sequence_bytes(placement, context + steps + 1)
+    largest = max(batches)
+    engine = Engine(model, EngineConfig(cache_budget_bytes=2 * largest * per_row + 2**20, max_running=largest,
+                                        max_prefill_tokens=largest * context), target.tokenizer)
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for batch in batches:
+        for _ in range(batch):
+            prompt = torch.randint(0, model.config.vocab_size, (context,), generator=generator).tolist()
+            engine.add_request(Request(tuple(prompt), placement, SamplingParams(max_tokens=steps + 2,
+                                                                                ignore_eos=True)))
+        engine.step()  # every prompt in one prefill step (max_prefill_tokens): the rest are decode steps
+
+        def one_step() -> float:
+            begin = time.perf_counter()
+            engine.step()  # sampling reads the tokens back: the step has ended on any device
+            return (time.perf_counter() - begin) * 1e3
+
+        out.append(timed(lambda: statistics.median(one_step() for _ in range(steps))))
+        while engine.has_work():
+            engine.step()
+    return out
+
+
 @torch.inference_mode()
 def profile(target: ProfileTarget, batches: Sequence[int], contexts: Sequence[int], prefill_chunk: int,
             warmup: int = 2, repeats: int = 5, device_label: str | None = None, progress: bool | None = None) -> SpeedFile:
@@ -246,7 +290,7 @@ def profile(target: ProfileTarget, batches: Sequence[int], contexts: Sequence[in
     prefill_contexts = sorted({0, *contexts})
     tokens = sorted({1, *batches, prefill_chunk})
     timer = Timer(model.device, warmup, repeats)
-    total = len(mixers) * (len(batches) * len(contexts) + len(prefill_contexts)) + 2 * len(tokens)
+    total = len(mixers) * (len(batches) * len(contexts) + len(prefill_contexts)) + 2 * len(tokens) + len(batches)
     bar = tqdm(total=total, desc=f"profile {target.name}", unit="point", disable=None if progress is None else not progress)
     hidden = config.hidden_size
     others = OtherLoad()
@@ -276,6 +320,13 @@ def profile(target: ProfileTarget, batches: Sequence[int], contexts: Sequence[in
 
         shared.append(timed(layer))
         head.append(timed(logits))
+    steps = None
+    if MIXERS[0] in block.by_kind:  # the engine's steps run all-attention rows: their parts were just timed
+        def counted(run: Callable[[], float]) -> float:
+            bar.update()
+            return run()
+
+        steps = _engine_steps(target, batches, contexts[0], warmup, repeats, counted)
     bar.close()
     other_cpus = others.cpus() if model.device.type == "cpu" else None  # a GPU's kernels do not share the CPUs
     if other_cpus is not None and other_cpus > BUSY_CPUS:
@@ -286,6 +337,13 @@ def profile(target: ProfileTarget, batches: Sequence[int], contexts: Sequence[in
         grid = np.maximum.accumulate(np.maximum.accumulate(np.asarray(values), axis=0), axis=axes - 1)
         return [float(f"{v:.6g}") for v in grid] if axes == 1 else [[float(f"{v:.6g}") for v in r] for r in grid]
 
+    decode = {m: monotone(g, 2) for m, g in decode.items()}
+    shared, head = monotone(shared, 1), monotone(head, 1)
+    engine = None
+    if steps is not None:  # a whole step minus what the stored parts predict for it
+        engine = monotone([max(0.0, measured - (config.num_layers * (shared[tokens.index(batch)] + decode[
+            MIXERS[0].value][i][0]) + head[tokens.index(batch)])) for i, (batch, measured) in enumerate(
+            zip(batches, steps))], 1)
     element = torch.empty((), dtype=model.dtype).element_size()
     fingerprint = Fingerprint(
         device=device_label or device_name(model.device), model=target.name, model_sha256=target.model_sha256,
@@ -295,10 +353,10 @@ def profile(target: ProfileTarget, batches: Sequence[int], contexts: Sequence[in
     return SpeedFile(
         format="supernet-router/speed", version=1, fingerprint=fingerprint,
         batches=list(batches), contexts=list(contexts),
-        decode_ms={m: monotone(g, 2) for m, g in decode.items()},
+        decode_ms=decode,
         prefill_chunk=prefill_chunk, prefill_contexts=prefill_contexts,
         prefill_ms_per_token={m: monotone(g, 1) for m, g in prefill.items()},
-        tokens=tokens, shared_ms=monotone(shared, 1), head_ms=monotone(head, 1),
+        tokens=tokens, shared_ms=shared, head_ms=head, engine_ms=engine,
         memory=MemoryEntry.model_validate(config.memory_model(kv_bytes=element).to_dict()),
         measurement=Measurement(warmup=warmup, repeats=repeats, cache_fill=CACHE_FILL, monotone=True,
                                 other_cpus=other_cpus),

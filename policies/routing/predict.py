@@ -195,7 +195,8 @@ class Predictor:
         self._mixer_counts = layer_mixers  # [P, 4]: layers per mixer
         self.prefill_contexts = np.asarray(speed.prefill_contexts, dtype=float)  # [G]
         self.chunk = speed.prefill_chunk
-        self.chunk_fixed_ms = self._shared_and_head(self.chunk) - speed.head(self.chunk).ms + speed.head(1).ms
+        # A prefill chunk's step: the shared layers on its tokens, one row's head and engine work.
+        self.chunk_fixed_ms = self.num_layers * speed.shared(self.chunk).ms + speed.head(1).ms + speed.engine(1).ms
         self._bytes = _BytesModel(speed, presets)
 
     def _flat(self, placement: Placement) -> np.ndarray:
@@ -207,7 +208,8 @@ class Predictor:
         return index
 
     def _shared_and_head(self, rows: int) -> float:
-        return self.num_layers * self.speed.shared(rows).ms + self.speed.head(rows).ms if rows else 0.0
+        """What a step of ``rows`` rows costs beside its mixers: shared layers, head and the engine's own work."""
+        return self.speed.step_fixed(rows).ms if rows else 0.0
 
     # ---- per snapshot ----
 

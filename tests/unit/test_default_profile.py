@@ -44,6 +44,9 @@ def kept_table(tmp_path: Path, name: str = "speed.json", **changes) -> Path:
     data["fingerprint"].update(model_sha256=profiling.checkpoint_sha256(FOLDER), software=profiling.software(),
                                device=here)
     data["measurement"].update(cache_fill=profiling.CACHE_FILL, other_cpus=0.1)
+    data.setdefault("engine_ms", [2.5] * len(data["batches"]))  # as this code's profile measures it
+    if changes.pop("engine_ms__absent", False):
+        del data["engine_ms"]
     for key, value in changes.items():
         section, field = key.split("__")
         data[section][field] = value
@@ -62,6 +65,7 @@ def test_a_table_taken_here_by_this_code_on_a_quiet_machine_is_kept(tmp_path):
     (dict(fingerprint__device="cpu: Intel 8086 (1 threads)"), "measured on cpu: Intel 8086"),
     (dict(fingerprint__software="supernet-router 0.0.1, torch 1.0"), "other software (supernet-router 0.0.1"),
     (dict(measurement__cache_fill="random keys written into per-sequence caches"), "other software"),
+    (dict(engine_ms__absent=True), "predates the engine's own step time"),
 ])
 def test_a_table_that_no_longer_describes_this_machine_or_code_is_taken_again(tmp_path, changes, reason):
     table, why = defaults._kept_profile(FOLDER, kept_table(tmp_path, **changes))

@@ -10,6 +10,7 @@ import pytest
 
 from policies.errors import ConfigError, InvalidPlacement, InvalidRequest, SupernetError, TableMismatch
 from policies.placement import Mixer, Placement
+from policies.cost import SpeedModel
 from policies.tables import PresetsFile, QualityFile, SpeedFile, SurrogateFile, read_speed_model, read_table
 from router import toolkit_cli
 from workers import evaluation
@@ -54,6 +55,26 @@ def test_profile_writes_a_valid_table(speed, tiny_checkpoint):
     assert model.homogeneous_step(placement, 2, 64).ms > 0
     assert model.ttft(placement, 40).ms > 0
     assert model.homogeneous_step(placement, 8, 64).extrapolated
+    assert len(table.engine_ms) == 3 and min(table.engine_ms) >= 0  # the engine's own work per step
+
+
+def test_the_engine_term_is_a_whole_engine_step_minus_its_model_parts(tiny_checkpoint, monkeypatch):
+    """Whole-step times stand in for the engine's (the subtraction is what is tested, not this machine's speed)."""
+    import torch
+
+    from workers import profiling
+
+    monkeypatch.setattr(profiling, "_engine_steps", lambda target, batches, context, warmup, repeats, timed:
+                        [timed(lambda b=b: 1000.0 * b) for b in batches])
+    target = profiling.load_target(tiny_checkpoint, None, torch.device("cpu"), torch.float32)
+    assert target.tokenizer is not None  # the engine's steps detokenize as when serving
+    table = profiling.profile(target, [1, 2], [16], 16, warmup=1, repeats=1, progress=False)
+    model = SpeedModel.from_file(table)
+    placement = Placement.parse("AAAAAA")
+    for batch in (1, 2):  # the parts' prediction plus the engine term is the whole step that was "measured"
+        assert model.homogeneous_step(placement, batch, 16).ms == pytest.approx(1000.0 * batch, rel=1e-5)  # 6 digits kept
+    monkeypatch.setattr(profiling, "_engine_steps", lambda *args: [0.0, 0.0])  # faster than its parts: no term
+    assert profiling.profile(target, [1, 2], [16], 16, warmup=1, repeats=1, progress=False).engine_ms == [0.0, 0.0]
 
 
 def test_evaluate_fit_frontier_end_to_end(tiny_checkpoint, data_file, speed, tmp_path, monkeypatch, capsys):

@@ -29,6 +29,10 @@ def head(tokens: int) -> float:
     return DATA["head_ms"][DATA["tokens"].index(tokens)]
 
 
+def engine(rows: int) -> float:
+    return DATA["engine_ms"][DATA["batches"].index(rows)]
+
+
 @pytest.mark.parametrize("code", ["AAA", "SGK", "GGG", "KSA"])
 @pytest.mark.parametrize("batch", [1, 2, 4])
 @pytest.mark.parametrize("context", [16, 64])
@@ -37,7 +41,7 @@ def test_homogeneous_batch_at_grid_points_is_the_measured_value(code, batch, con
     for mixer in MIXERS:
         estimate = SPEED.mixer_decode(mixer, batch, context)
         assert estimate.ms == grid(mixer, batch, context) and not estimate.extrapolated
-    expected = LAYERS * shared(batch) + head(batch) + sum(grid(m, batch, context) for m in placement)
+    expected = LAYERS * shared(batch) + head(batch) + engine(batch) + sum(grid(m, batch, context) for m in placement)
     step = SPEED.homogeneous_step(placement, batch, context)
     assert step.ms == pytest.approx(expected, rel=1e-12)
     assert not step.extrapolated and step.reasons == ()
@@ -49,7 +53,7 @@ def test_a_mixed_batch_is_the_sum_of_its_groups():
     # Layer 0: one attention group of 4 rows; layer 1: gdn x2 and sliding_window x2; layer 2: kda x2 and gdn x2.
     mixers = grid(Mixer.ATTENTION, 4, 16) + 2 * grid(Mixer.GDN, 2, 16) + grid(Mixer.SLIDING_WINDOW, 2, 16)
     mixers += grid(Mixer.KDA, 2, 16)
-    assert SPEED.step(rows).ms == pytest.approx(LAYERS * shared(4) + head(4) + mixers, rel=1e-12)
+    assert SPEED.step(rows).ms == pytest.approx(LAYERS * shared(4) + head(4) + engine(4) + mixers, rel=1e-12)
 
 
 def test_a_group_with_mixed_contexts_costs_its_mean_context():
@@ -77,10 +81,11 @@ def test_the_middle_of_a_cell_is_the_mean_of_its_corners():
 
 
 @pytest.mark.parametrize("batch, context, fragments", [
-    (8, 16, ["batch 8 is above the measured 4 (extrapolated)"]),
+    (8, 16, ["engine rows 8 is above the measured 4 (extrapolated)", "batch 8 is above the measured 4 (extrapolated)"]),
     (2, 1000, ["context 1000 is above the measured 64 (extrapolated)"]),
     (2, 4, ["context 4 is below the measured 16 (held at the edge)"]),
-    (16, 128, ["tokens 16 is above", "head rows 16 is above", "batch 16 is above", "context 128 is above"]),
+    (16, 128, ["tokens 16 is above", "head rows 16 is above", "engine rows 16 is above", "batch 16 is above",
+               "context 128 is above"]),
 ])
 def test_predictions_outside_the_grid_are_flagged(batch, context, fragments):
     estimate = SPEED.homogeneous_step(Placement.parse("AGK"), batch, context)
@@ -104,8 +109,9 @@ def test_ttft_sums_prefill_chunks():
     # 20 tokens in chunks of 8: 8 at context 0, 8 at 8 (between the grid's 0 and 16), 4 at 16.
     at_8 = (per_token(0) + per_token(16)) / 2
     shared_4 = (shared(4))  # 4 tokens is a grid point
-    expected = (LAYERS * shared(8) + head(1) + 8 * per_token(0)) + (LAYERS * shared(8) + head(1) + 8 * at_8)
-    expected += LAYERS * shared_4 + head(1) + 4 * per_token(16)
+    chunk = head(1) + engine(1)  # each chunk's step: one row's head and engine work
+    expected = (LAYERS * shared(8) + chunk + 8 * per_token(0)) + (LAYERS * shared(8) + chunk + 8 * at_8)
+    expected += LAYERS * shared_4 + chunk + 4 * per_token(16)
     estimate = SPEED.ttft(placement, 20)
     assert estimate.ms == pytest.approx(expected, rel=1e-12) and not estimate.extrapolated
     assert SPEED.ttft(placement, 200).extrapolated  # chunks start past the last prefill context

@@ -43,6 +43,7 @@ def speed_dict() -> dict:
         "prefill_chunk": 8, "prefill_contexts": [0, 16, 64],
         "prefill_ms_per_token": {m: [s * 0.1 * (1 + c / 64) for c in (0, 16, 64)] for m, s in scale.items()},
         "tokens": [1, 2, 4, 8], "shared_ms": [0.2, 0.25, 0.3, 0.5], "head_ms": [0.1, 0.11, 0.12, 0.2],
+        "engine_ms": [1.0, 1.3, 1.9],
         "memory": CacheMemoryModel(layers=(LAYER,) * LAYERS, kv_bytes=4).to_dict(),
         "measurement": {"warmup": 1, "repeats": 3, "cache_fill": "random", "monotone": True},
     }
@@ -104,6 +105,8 @@ SPEED_FAULTS = [
     (("prefill_ms_per_token", "gdn", 2), 0.001, "prefill_ms_per_token.gdn falls from"),
     (("shared_ms",), [0.2, 0.25, 0.3], "shared_ms is not a 4 tokens grid"),
     (("head_ms", 0), -1.0, "head_ms.0: Input should be greater than or equal to 0"),
+    (("engine_ms",), [1.0, 1.3], "engine_ms is not a 3 batch grid"),
+    (("engine_ms", 2), 0.9, "engine_ms falls from"),
     (("contexts",), [64, 16], "contexts is [64, 16]: expected strictly increasing integers >= 1"),
     (("fingerprint", "num_layers"), 4, "memory has 3 layers, fingerprint.num_layers 4"),
     (("memory", "layers", 1, "rwkv"), {"kind": "attention", "kv_heads": 1, "head_size": 1}, "memory.layers.1: unknown mixer(s) ['rwkv']"),
@@ -118,6 +121,17 @@ def test_malformed_speed_tables_are_refused_naming_the_fault(path, value, messag
     assert caught.value.message.startswith("speed.json (speed table): ")
     assert message in caught.value.message
     assert caught.value.exit_code == 3
+
+
+def test_a_speed_table_from_before_the_engine_term_reads_as_zero_engine_work():
+    from policies.cost import SpeedModel
+    from policies.placement import Placement
+
+    old = SpeedModel.from_file(parse_table(edited(speed_dict(), ("engine_ms",), delete=True), SpeedFile, "speed.json"))
+    new = SpeedModel.from_file(parse_table(speed_dict(), SpeedFile, "speed.json"))
+    step = old.homogeneous_step(Placement.parse("AGK"), 2, 16)
+    assert old.engine(2).ms == 0.0 and not step.extrapolated
+    assert new.homogeneous_step(Placement.parse("AGK"), 2, 16).ms == pytest.approx(step.ms + 1.3, rel=1e-12)
 
 
 def test_speed_table_missing_a_mixer_everywhere():
