@@ -18,6 +18,13 @@ per-rate table (quality too) goes to `bench/results/live-twin-sweep.json`.
     .venv/bin/python bench/live_twin.py                               # beside the recorded live run
     .venv/bin/python bench/live_twin.py --slowdown 1.7                # replicas 1.7x slower than the table
     .venv/bin/python bench/live_twin.py --rates 0.5,1,2,4 --budgets '{"chat": {"ttft_ms": 400, "tpot_ms": 30}, "long-context": {"ttft_ms": 3000, "tpot_ms": 40}}'
+
+Another workload (nothing live to compare with): ``--mix`` as JSON request classes, ``--budgets idle`` for
+the live run's rule (each class's multiples of the quality preset's idle latencies, here simulated), and
+``--margin`` for the SLA policy's safety margin:
+
+    .venv/bin/python bench/live_twin.py --replicas 1 --rates 0.75,1,1.25 --budgets idle --out /tmp/twin.json \
+        --mix '[{"name": "long-context", "share": 1, "prompt_tokens": 3000, "output_tokens": 128, "ttft_x": 3, "tpot_x": 2}]'
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench.live_trace import MIX, class_rates  # noqa: E402
+from bench.live_trace import MIX, RequestClass, class_rates  # noqa: E402
 from simcore import SimRequest  # noqa: E402
 from simulate import run as simulate  # noqa: E402
 
@@ -77,12 +84,12 @@ def slowed(predictor, speed: str, factor: float):
     return Predictor(SpeedModel.from_file(SpeedFile.model_validate(data)), predictor.presets)
 
 
-def arrivals(rate: float, seconds: float, budgets: dict, seed: int) -> list[SimRequest]:
+def arrivals(rate: float, seconds: float, budgets: dict, seed: int, mix=MIX) -> list[SimRequest]:
     """Each class's own Poisson stream at its share of ``rate`` for ``seconds`` (as live_sla's GuideLLM
     processes send them), merged by time."""
     rng, out = random.Random(seed), []
-    for klass in MIX:
-        now, rate_here = 0.0, class_rates(rate)[klass.name]
+    for klass in mix:
+        now, rate_here = 0.0, class_rates(rate, mix)[klass.name]
         while (now := now + rng.expovariate(rate_here)) < seconds:
             budget = budgets[klass.name]
             out.append(SimRequest(now, klass.prompt_tokens, klass.output_tokens, budget.get("ttft_ms"),
@@ -90,10 +97,42 @@ def arrivals(rate: float, seconds: float, budgets: dict, seed: int) -> list[SimR
     return sorted(out, key=lambda r: r.arrival)
 
 
+def parse_mix(text: str | None):
+    """``--mix``: a JSON list of request classes (bench/live_trace.py's RequestClass fields); default: MIX."""
+    if not text:
+        return MIX
+    try:
+        return tuple(RequestClass(**c) for c in json.loads(text))
+    except (json.JSONDecodeError, TypeError) as error:
+        fail(f"--mix must be a JSON list of {{name, share, prompt_tokens, output_tokens, ttft_x, tpot_x}} ({error})")
+
+
+def idle_budgets(mix, predictor, config) -> dict:
+    """Budgets as live_sla sets them (multiples of the quality preset's idle TTFT and TPOT per class), from
+    the simulator: one request alone on one replica, timed by the table."""
+    out = {}
+    for klass in mix:
+        alone = [SimRequest(0.0, klass.prompt_tokens, klass.output_tokens, None, None, None, 0, klass.name)]
+        simulate(f"fixed:{predictor.presets[0].name}", predictor, alone, 1, config.worker.cache_budget_bytes,
+                 config.worker.max_prefill_tokens, config.routing.stats_period_s, config.routing.margin)
+        r = alone[0]
+        ttft, tpot = 1000 * (r.first_token - r.arrival), 1000 * (r.finished - r.first_token) / max(r.generated - 1, 1)
+        out[klass.name] = {"ttft_ms": round(klass.ttft_x * ttft, 1), "tpot_ms": round(klass.tpot_x * tpot, 2)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rates", help="total requests/s, comma-separated (default: the live run's)")
-    parser.add_argument("--budgets", help='JSON {class: {"ttft_ms":..,"tpot_ms":..}} (default: the live run\'s)')
+    parser.add_argument("--budgets", help='JSON {class: {"ttft_ms":..,"tpot_ms":..}}, or "idle": each class\'s '
+                                          "multiples of the quality preset's simulated idle latencies (default: the "
+                                          "live run's)")
+    parser.add_argument("--mix", help="JSON list of request classes (bench/live_trace.py RequestClass fields; "
+                                      "default: its MIX, the live run's)")
+    parser.add_argument("--margin", type=float, help="the SLA policy's safety margin (default: the service's)")
+    parser.add_argument("--future-load-quantile", type=float,
+                        help="the SLA policy's future_load_quantile (default: the service's)")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"the per-rate table (default {OUT.relative_to(ROOT)})")
     parser.add_argument("--seconds", type=float, help="seconds of arrivals per rate (default: the live run's)")
     parser.add_argument("--replicas", type=int, help="worker replicas (default: the live run's)")
     parser.add_argument("--policies", help="comma-separated (default: the live run's)")
@@ -105,20 +144,27 @@ def main() -> None:
                              "with the table and calibrates online")
     args = parser.parse_args()
     live = json.loads(RECORD.read_text().strip().splitlines()[-1]) if RECORD.exists() else {}
+    if args.mix:  # another workload than the live run's: nothing live to compare with
+        live = {}
     rows = json.loads(SWEEP.read_text()) if SWEEP.exists() and live else []
     if not live and not (args.rates and args.budgets):
-        fail(f"no live run is recorded ({RECORD.relative_to(ROOT)}): give --rates and --budgets, or run "
-             "`bench/report.py run live_sla` first")
+        fail(f"no live run is recorded for this mix ({RECORD.relative_to(ROOT)}): give --rates and --budgets, or "
+             "run `bench/report.py run live_sla` first")
+    mix = parse_mix(args.mix)
+    predictor, config, speed = the_service(args.speed_table)
+    margin = args.margin if args.margin is not None else config.routing.margin
+    quantile = (args.future_load_quantile if args.future_load_quantile is not None
+                else config.routing.future_load_quantile)
     try:
-        budgets = json.loads(args.budgets) if args.budgets else live["budgets"]
+        budgets = (idle_budgets(mix, predictor, config) if args.budgets == "idle"
+                   else json.loads(args.budgets) if args.budgets else live["budgets"])
     except json.JSONDecodeError as error:
         fail(f"--budgets is not JSON ({error})")
-    if missing := [c.name for c in MIX if c.name not in budgets]:
+    if missing := [c.name for c in mix if c.name not in budgets]:
         fail(f"--budgets has no budget for {', '.join(missing)}")
     rates = [float(r) for r in args.rates.split(",")] if args.rates else live["rates"]
     seconds = args.seconds or live.get("seconds_per_rate", 60.0)
     replicas = args.replicas or live.get("replicas", 2)
-    predictor, config, speed = the_service(args.speed_table)
     if args.slowdown <= 0:
         fail(f"--slowdown must be positive, got {args.slowdown}")
     truth = slowed(predictor, speed, args.slowdown) if args.slowdown != 1 else None
@@ -131,10 +177,10 @@ def main() -> None:
         for rate in rates:
             draws = []
             for seed in range(args.seeds):
-                requests = arrivals(rate, seconds, budgets, seed)
+                requests = arrivals(rate, seconds, budgets, seed, mix)
                 result = simulate(policy, predictor, requests, replicas, config.worker.cache_budget_bytes,
-                                  config.worker.max_prefill_tokens, config.routing.stats_period_s,
-                                  config.routing.margin, truth)
+                                  config.worker.max_prefill_tokens, config.routing.stats_period_s, margin, truth,
+                                  quantile)
                 draws.append((result["attainment"], result["mean_quality"]))
             attainment = sorted(a for a, _ in draws)
             row = {"policy": policy, "rate": rate,
@@ -151,8 +197,10 @@ def main() -> None:
                     worst = row
             out.append(row)
             print(json.dumps(row), file=sys.stderr)
-    OUT.write_text(json.dumps(out, indent=1) + "\n")
-    print(json.dumps({"bench": "live_twin", "slowdown": args.slowdown, "replicas": replicas,
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps({"bench": "live_twin", "slowdown": args.slowdown, "replicas": replicas, "margin": margin,
+                      "future_load_quantile": quantile,
+                      "mix": [c.__dict__ for c in mix] if args.mix else "live_trace.MIX",
                       "seconds_per_rate": seconds, "seeds": args.seeds,
                       "budgets": budgets, "speed_table": str(speed), "compared_with_live": bool(measured),
                       "largest_gap": worst and {k: worst[k] for k in ("policy", "rate", "live_attainment",
@@ -160,7 +208,7 @@ def main() -> None:
                       # policy@rate: [live attainment (null: no live run), simulated mean]
                       "attainment_live_sim": {f"{r['policy']}@{r['rate']:g}": [r.get("live_attainment"),
                                                                               r["sim_attainment"]] for r in out},
-                      "sweep": str(OUT.relative_to(ROOT))}))
+                      "sweep": str(args.out)}))
 
 
 if __name__ == "__main__":

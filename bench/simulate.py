@@ -65,10 +65,11 @@ def workload(rate: float, count: int, seed: int) -> list[SimRequest]:
 
 
 def run(policy_name: str, predictor: Predictor, requests: list[SimRequest], replicas: int, budget: int,
-        chunk: int, stats_period: float, margin: float = 0.9, truth: Predictor | None = None) -> dict:
+        chunk: int, stats_period: float, margin: float = 0.9, truth: Predictor | None = None,
+        future_load_quantile: float = 0.95) -> dict:
     """``truth``: the step times the replicas really take, where they differ from the table the router
     predicts with (default: the same)."""
-    policy = build_policy(policy_name, predictor, margin=margin)
+    policy = build_policy(policy_name, predictor, margin=margin, future_load_quantile=future_load_quantile)
     index = {p.name: i for i, p in enumerate(predictor.presets)}
     fleet = [SimReplica(f"r{i}", budget, truth or predictor) for i in range(replicas)]
     events = [(r.arrival, 1, i) for i, r in enumerate(requests)]  # (time, kind 0 step-end / 1 arrival, id)
@@ -93,6 +94,7 @@ def run(policy_name: str, predictor: Predictor, requests: list[SimRequest], repl
             request.cache_bytes = int(predictor.sequence_bytes(request.prompt + request.max_tokens)[request.preset])
             replica = next(s for s in fleet if s.name == decision.replica_id) if decision.replica_id else fleet[0]
             dispatched[replica.name] = dispatched.get(replica.name, 0) + 1
+            replica.arrived.append((now, request.prompt))
             replica.waiting.append(request)
         else:
             replica = fleet[item]

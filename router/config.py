@@ -84,6 +84,9 @@ class TablesSettings(_Strict):
 class RoutingSettings(_Strict):
     policy: str = Field("sla", description="sla | fixed:<preset> | round-robin | least-loaded (baselines).")
     margin: float = Field(0.9, gt=0, le=1, description="Predictions must fit within margin x budget.")
+    future_load_quantile: float = Field(0.95, ge=0, lt=1, description="TPOT must meet its budget with this "
+                                        "quantile of the requests arriving at the replica while it decodes (their "
+                                        "prefills stretch every decode step); 0: only the load seen now.")
     default_preset: str | None = Field(None, description="Preset without a speed table or budget-free baselines; "
                                                          "default: the best-quality preset.")
     stats_period_s: float = Field(0.1, gt=0, description="How often workers publish their load to the router "

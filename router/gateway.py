@@ -87,7 +87,8 @@ class Gateway:
         if config.tables.speed is not None:
             infos = [PresetInfo(n, self.placements[n], p.quality) for n, p in self.presets.items()]
             self.routing = RoutingService(config.routing.policy, config.tables.speed, infos, self.num_layers,
-                                          self.default_preset, config.routing.margin, config.tables.acceptance)
+                                          self.default_preset, config.routing.margin, config.tables.acceptance,
+                                          future_load_quantile=config.routing.future_load_quantile)
         self.best_quality = max((p.quality for p in rated), default=None)
 
     # ---- access ----

@@ -35,7 +35,7 @@ CALIBRATION_LIMITS = (0.2, 20.0)
 class RoutingService:
     def __init__(self, policy_name: str, speed_path: str, presets: list[PresetInfo], num_layers: int,
                  default_preset: str | None, margin: float, acceptance_path: str | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, future_load_quantile: float = 0.95):
         speed = read_speed_model(speed_path)
         if speed.num_layers != num_layers:
             raise InvalidRequest(f"{speed_path}: the speed table has {speed.num_layers} layers, the model {num_layers}")
@@ -45,7 +45,8 @@ class RoutingService:
             table = read_table(acceptance_path, AcceptanceFile)
             check_layers(f"{acceptance_path} (acceptance table)", table.fingerprint.num_layers, "the model", num_layers)
             self.acceptance = AcceptanceRates.from_table(table)
-        self.policy = build_policy(policy_name, self.predictor, default_preset, margin, self.acceptance)
+        self.policy = build_policy(policy_name, self.predictor, default_preset, margin, self.acceptance,
+                                   future_load_quantile)
         self.num_layers = num_layers
         self.clock = clock  # wall time: snapshots carry the worker's time.time()
         self.calibration: dict[str, float] = {}
@@ -131,7 +132,8 @@ class RoutingService:
             replica_id, running, int(stats.get("waiting_requests", 0)), int(stats.get("waiting_prompt_tokens", 0)),
             int(stats.get("prefill_backlog_tokens", 0)), int(stats.get("waiting_cache_bytes", 0)),
             int(stats.get("cache_budget_bytes", 0)), int(stats.get("cache_used_bytes", 0)),
-            self.calibration.get(replica_id, 1.0), age, in_flight)
+            self.calibration.get(replica_id, 1.0), age, in_flight, float(stats.get("arrivals_per_s", 0.0)),
+            float(stats.get("arrival_prompt_tokens", 0.0)))
 
     def _rows(self, stats: dict) -> list[tuple[RunningRow, str | None]]:
         """The snapshot's running rows and their request ids (None from workers that do not send them)."""

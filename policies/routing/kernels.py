@@ -126,3 +126,42 @@ def earliest_per_preset(times, flags, allowed, ttft_limit, tpot_limit, deadline,
                 if flags[1, p, w] and done < soonest[0, p]:  # admitted now
                     soonest[0, p], where[0, p] = done, w
     return soonest, where
+
+
+@_jit
+def poisson_quantile(mean, q):
+    """The smallest k with P(N <= k) >= q for N ~ Poisson(mean) (q < 1; capped at 64)."""
+    p = np.exp(-mean)
+    cdf, k = p, 0
+    while cdf < q and k < 64:
+        k += 1
+        p *= mean / k
+        cdf += p
+    return k
+
+
+@_jit
+def add_future_load(times, arrivals_per_ms, interference_ms, max_tokens, quantile):
+    """Each pair's TPOT (and completion) with the prefills of the requests that arrive while it decodes, in place.
+
+    Requests reach a worker as a Poisson stream at ``arrivals_per_ms[w]``; each new prompt is prefilled in chunks
+    beside the running decodes, stretching them by its prefill time, ``interference_ms[w]``. Over a decode of
+    (max_tokens - 1) steps at ``tpot``, the arrivals number N ~ Poisson(rate * steps * tpot); the request must
+    meet its budget at N's ``quantile``-th quantile n, so its TPOT counts n prefills spread over its steps:
+        tpot' = tpot + n * interference / steps
+    n is counted at the unstretched decode's length, then once more at the stretched one's.
+    (A request that meets its budget only while nothing else arrives keeps the best preset on an idle replica
+    and loses its budget as soon as the next prompt comes: under load that was the common case.)"""
+    steps = max(max_tokens - 1.0, 1.0)
+    presets, workers = times.shape[1], times.shape[2]
+    for w in range(workers):
+        rate, cost = arrivals_per_ms[w], interference_ms[w]
+        if rate <= 0 or cost <= 0:
+            continue
+        for p in range(presets):
+            tpot = times[2, p, w]
+            n = poisson_quantile(rate * steps * tpot, quantile)
+            if n:  # the stretched decode lasts longer and sees more arrivals: count them once more
+                n = poisson_quantile(rate * steps * (tpot + n * cost / steps), quantile)
+                times[2, p, w] = tpot + n * cost / steps
+                times[3, p, w] = times[1, p, w] + steps * times[2, p, w]

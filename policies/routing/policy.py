@@ -2,7 +2,9 @@
 
 SLA policy, in order:
 1. candidates: presets with quality >= min_quality (a forced preset: only it);
-2. predict queue wait, TTFT, TPOT and completion for every (preset, replica);
+2. predict queue wait, TTFT, TPOT and completion for every (preset, replica); TPOT counts the prefills of
+   the requests that will arrive while it decodes, at a quantile of the replica's arrivals
+   (``future_load_quantile``, ``kernels.add_future_load``);
 3. keep pairs that meet every given budget with a safety margin and whose cache can ever fit;
 4. among pairs admitted at once (no queue, cache fits now) pick the highest predicted quality, ties
    going to the earliest completion; when every replica queues, the earliest completion instead:
@@ -31,7 +33,7 @@ import math
 import numpy as np
 
 from policies.errors import ConfigError, InvalidRequest, UnknownPreset
-from policies.routing.kernels import earliest_per_preset
+from policies.routing.kernels import add_future_load, earliest_per_preset
 from policies.routing.predict import Fleet, Forecast, Predictor, WorkerView
 from policies.routing.types import Decision, Prediction, PresetInfo, RoutingRequest, WorkerState
 from policies.speculation import MAX_DRAFT_TOKENS, AcceptanceRates, speculative_tpot
@@ -100,8 +102,11 @@ class _Base:
 
 class SlaPolicy(_Base):
     def __init__(self, predictor: Predictor, margin: float = 0.9, acceptance: AcceptanceRates | None = None,
-                 min_gain: float = 0.05):
+                 min_gain: float = 0.05, future_load_quantile: float = 0.95):
         super().__init__(predictor)
+        if not 0 <= future_load_quantile < 1:
+            raise ConfigError(f"routing future_load_quantile must be in [0, 1), got {future_load_quantile}")
+        self.future_load_quantile = future_load_quantile  # 0: budgets checked against today's load only
         self.acceptance = acceptance if acceptance else None
         self.min_gain = min_gain  # speculate only for a predicted TPOT at least this much lower
         self._by_code = {p.placement.code: i for i, p in enumerate(self.presets)}
@@ -146,6 +151,9 @@ class SlaPolicy(_Base):
         if request.speculation == "auto" and self.acceptance is not None:
             forecast, plans = self._speculate(request, fleet, forecast)
         self._plans = plans
+        if self.future_load_quantile > 0:  # forecast.times is this request's own: adjusted in place
+            add_future_load(forecast.times, fleet.arrivals_per_ms, fleet.interference_ms, float(request.max_tokens),
+                            self.future_load_quantile)
         inf = math.inf
         soonest, where = earliest_per_preset(
             forecast.times, forecast.flags, self._allowed(request, forced),
@@ -286,11 +294,11 @@ def _load(state: WorkerState) -> tuple:
 
 
 def build_policy(name: str, predictor: Predictor, default_preset: str | None = None, margin: float = 0.9,
-                 acceptance: AcceptanceRates | None = None):
+                 acceptance: AcceptanceRates | None = None, future_load_quantile: float = 0.95):
     """``sla`` | ``fixed:<preset>`` | ``round-robin`` | ``least-loaded`` (the last two on the default preset)."""
     default = default_preset or max(predictor.presets, key=lambda p: p.quality).name
     if name == "sla":
-        return SlaPolicy(predictor, margin, acceptance)
+        return SlaPolicy(predictor, margin, acceptance, future_load_quantile=future_load_quantile)
     if name.startswith("fixed:"):
         return Baseline(predictor, name.split(":", 1)[1], "round-robin")
     if name in ("round-robin", "round_robin"):

@@ -72,6 +72,7 @@ class WorkerView:
     slope: np.ndarray  # [L*4]: per token of that row's context
     release_ms: np.ndarray  # sorted: when each running row finishes
     release_bytes: np.ndarray  # cumulative bytes freed by then
+    interference_ms: float  # the prefill of a request as long as those arriving there lately
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -96,6 +97,8 @@ class Fleet:
     release_bytes: np.ndarray
     release_ms: np.ndarray
     release_start: np.ndarray  # [W + 1] int64
+    arrivals_per_ms: np.ndarray  # [W]: requests reaching each worker (kernels.add_future_load)
+    interference_ms: np.ndarray  # [W]: calibrated prefill of a typical arrival there, stretching every decode
 
     @classmethod
     def stack(cls, views: tuple[WorkerView, ...], onehot: np.ndarray, chunk_fixed_ms: float, chunk: int) -> "Fleet":
@@ -128,6 +131,8 @@ class Fleet:
             release_bytes=np.concatenate(curves_bytes),
             release_ms=np.concatenate(curves_ms),
             release_start=np.cumsum([0] + [len(c) for c in curves_bytes]).astype(np.int64),
+            arrivals_per_ms=column(lambda v: v.state.arrivals_per_s / 1000.0),
+            interference_ms=calibration * column(lambda v: v.interference_ms),
         )
 
 
@@ -248,7 +253,8 @@ class Predictor:
         step = max(base, 1e-3)
         release_ms = np.array([r.remaining_tokens * step for r in order])
         release_bytes = np.cumsum([r.cache_bytes for r in order]).astype(float) if order else np.zeros(0)
-        return WorkerView(state, base, fixed, marginal, slope, release_ms, release_bytes)
+        return WorkerView(state, base, fixed, marginal, slope, release_ms, release_bytes,
+                          self.prefill_ms(state.arrival_prompt_tokens))
 
     # ---- per request ----
 
@@ -269,6 +275,14 @@ class Predictor:
         counts = self._mixer_counts[preset]
         return float(sum(counts[_M[m]] * grid(np.array([rows], float), np.array([context], float))[0]
                          for m, grid in self.decode.items() if counts[_M[m]]))
+
+    def prefill_ms(self, prompt_tokens: float) -> float:
+        """Uncalibrated prefill of a prompt under no preset in particular (the presets' mean cost per token, as
+        the queue is priced): what an arriving request of that length adds to the steps of everyone decoding."""
+        if prompt_tokens <= 0:
+            return 0.0
+        per_token = float(np.interp(prompt_tokens / 2, self.prefill_contexts, self.prefill_per_token.mean(axis=0)))
+        return prompt_tokens * per_token + np.ceil(prompt_tokens / self.chunk) * self.chunk_fixed_ms
 
     def prefill_ms_per_token(self, preset: int, context: float) -> float:
         """Uncalibrated prefill cost per token of a preset at a context (what a verify row's extra tokens and a

@@ -64,6 +64,8 @@ class WorkerState:
     calibration: float = 1.0  # measured / predicted step time, from recent steps
     age_s: float = 0.0
     in_flight: int = 0  # dispatched since the snapshot, not in it yet
+    arrivals_per_s: float = 0.0  # requests submitted to the replica lately (the worker counts them)
+    arrival_prompt_tokens: float = 0.0  # their mean prompt length
 
     @property
     def cache_free_bytes(self) -> int:

@@ -68,4 +68,5 @@ def test_a_replica_runs_on_any_serving_engine(make_engine, tiny_model, tiny_chec
     assert sum(e["tokens"] for e in events) == 3 and events[-1]["finish_reason"] == "length"
     assert all(e["finish_reason"] is None for e in events[:-1])
     assert stats["running"] == [] and stats["cache_budget_bytes"] > 0
+    assert stats["arrivals_per_s"] > 0 and stats["arrival_prompt_tokens"] == 3  # what the router prices ahead
     assert seam.calls[:2] == ["start", "submit"] and "stats" in seam.calls

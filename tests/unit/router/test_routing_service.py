@@ -106,3 +106,26 @@ def test_a_downgrade_an_idle_replica_would_not_need_is_labelled_load(service):
     assert service.downgrade(decision, request, 1.0, [replica(busy)]) == "load"
     assert service.downgrade(service.decide(RoutingRequest(16, 8), [replica(busy)]), request, 1.0,
                              [replica(busy)]) is None  # no budget: the best quality, no downgrade
+
+
+def test_the_replica_s_arrivals_reach_the_policy(service):
+    stats = {**snapshot(["AAAAAA", 20, 3, 1024, "a"]), "arrivals_per_s": 2.5, "arrival_prompt_tokens": 700.0}
+    (state,) = service.states([replica(stats)])
+    assert (state.arrivals_per_s, state.arrival_prompt_tokens) == (2.5, 700.0)
+    (older,) = service.states([replica(snapshot(["AAAAAA", 20, 3, 1024, "a"], taken_at=time.time() + 1))])
+    assert older.arrivals_per_s == 0.0  # a worker that does not count them: no future load assumed
+
+
+def test_a_worker_counts_its_arrivals_over_a_window():
+    from workers.deployment import Arrivals
+
+    now = [100.0]
+    arrivals = Arrivals(window_s=10.0, clock=lambda: now[0])
+    assert arrivals.snapshot() == (0.0, 0.0)
+    now[0] = 102.0
+    for tokens in (100, 300):
+        arrivals.record(tokens)
+    assert arrivals.snapshot() == (2 / 2.0, 200.0)  # since it started: 2 s
+    now[0] = 130.0
+    arrivals.record(50)
+    assert arrivals.snapshot() == (1 / 10.0, 50.0)  # the first two left the 10 s window

@@ -128,3 +128,74 @@ def test_prefill_backlog_delays_the_first_token(predictor):
     backlogged = replace(idle, replica_id="backlogged", prefill_backlog_tokens=60000)
     forecast = predictor.predict(RoutingRequest(1000, 50), SlaPolicy(predictor).fleet([idle, backlogged]))
     assert (forecast.ttft[:, 1] > forecast.ttft[:, 0] + 100).all()
+
+
+# ---- the prefills that arrive while a request decodes (kernels.add_future_load) ----
+
+def test_poisson_quantile_is_the_smallest_k_whose_cdf_reaches_q():
+    import math
+
+    from policies.routing.kernels import poisson_quantile
+
+    for mean in (0.0, 0.05, 0.4, 1.0, 3.7, 12.0):
+        for q in (0.5, 0.9, 0.95, 0.99):
+            cdf = lambda k: sum(math.exp(-mean) * mean**i / math.factorial(i) for i in range(k + 1))  # noqa: E731
+            k = poisson_quantile(mean, q)
+            assert cdf(k) >= q and (k == 0 or cdf(k - 1) < q), (mean, q, k)
+
+
+def test_future_load_adds_the_quantile_of_arriving_prefills_to_each_pair(predictor):
+    import numpy as np
+
+    from policies.routing.kernels import add_future_load, poisson_quantile
+
+    policy = SlaPolicy(predictor, future_load_quantile=0)
+    request = RoutingRequest(4000, 201, tpot_ms=100)
+    workers = [busy_worker("a", 2, 8000), busy_worker("b", 1, 2000)]
+    forecast = predictor.predict(request, policy.fleet(workers))
+    times = forecast.times.copy()
+    rate, cost = np.array([0.002, 0.0005]), np.array([900.0, 300.0])  # per ms; ms of prefill per arrival
+    add_future_load(times, rate, cost, 201.0, 0.95)
+    for p in range(len(PRESETS)):
+        for w in range(2):
+            tpot = forecast.tpot[p, w]
+            n = poisson_quantile(rate[w] * 200 * tpot, 0.95)
+            n = poisson_quantile(rate[w] * 200 * (tpot + n * cost[w] / 200), 0.95) if n else 0
+            assert times[2, p, w] == pytest.approx(tpot + n * cost[w] / 200, rel=1e-12)
+            assert times[3, p, w] == pytest.approx(times[1, p, w] + 200 * times[2, p, w], rel=1e-12)
+            assert times[1, p, w] == forecast.ttft[p, w]  # the prefills queue behind this prompt: TTFT is as it was
+    quiet = forecast.times.copy()
+    add_future_load(quiet, np.zeros(2), cost, 201.0, 0.95)
+    assert np.array_equal(quiet, forecast.times)
+
+
+def test_a_replica_that_keeps_receiving_prompts_gets_a_faster_preset():
+    """On a small CPU-like table (attention twice GDN's cost): a budget the best preset meets exactly while
+    nothing else arrives keeps it on a quiet replica; where prompts keep arriving, their prefills will stretch
+    its decode past the budget, and the policy takes the faster preset, whose slack absorbs them."""
+    from dataclasses import replace
+
+    from policies.cost import SpeedModel
+    from policies.placement import Placement
+    from policies.routing import PresetInfo
+    from policies.routing.predict import Predictor
+    from policies.routing.types import WorkerState
+    from policies.tables import SpeedFile, parse_table
+    from tests.unit.policies.test_tables import speed_dict
+
+    speed = SpeedModel.from_file(parse_table(speed_dict(), SpeedFile, "speed.json"))
+    small = Predictor(speed, [PresetInfo("careful", Placement.parse("AAA"), 1.0),
+                              PresetInfo("quick", Placement.parse("GGG"), 0.9)])
+    quiet = WorkerState("a", cache_budget_bytes=2**40)
+    alone = small.predict(RoutingRequest(16, 101), SlaPolicy(small).fleet([quiet]))
+    assert alone.tpot[1, 0] < alone.tpot[0, 0]
+    request = RoutingRequest(16, 101, tpot_ms=alone.tpot[0, 0] / 0.9)  # met by "careful" with nothing to spare
+    assert SlaPolicy(small).decide(request, [quiet]).preset == "careful"
+    busy = replace(quiet, arrivals_per_s=5.0, arrival_prompt_tokens=8)
+    degraded = SlaPolicy(small).decide(request, [busy])
+    assert degraded.preset == "quick" and not degraded.sla_at_risk
+    assert degraded.prediction.tpot_ms > alone.tpot[1, 0]  # it counts the arriving prefills
+    # the same arrivals, with the policy told to look at today's load only
+    assert SlaPolicy(small, future_load_quantile=0).decide(request, [busy]).preset == "careful"
+    with pytest.raises(Exception, match="future_load_quantile must be in"):
+        SlaPolicy(small, future_load_quantile=1.0)
