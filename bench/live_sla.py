@@ -43,7 +43,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.live_trace import (MIX, Record, budgets, class_rates, class_requests, class_seed,  # noqa: E402
+from bench.live_trace import (MIX, Record, budgets, class_rates, class_requests, class_seed, parse_mix,  # noqa: E402
                               mean_quality, ok_by_preset, prediction_ratios, served_between, summarize)
 from bench.procstat import free_port  # noqa: E402
 
@@ -157,7 +157,7 @@ def prompt_of(tokens: int) -> str:
     return " ".join(["data"] * tokens)  # about one token a word with this tokenizer: only a warm-up
 
 
-async def warm_up(service: Service, presets: list[str], replicas: int, model: str) -> None:
+async def warm_up(service: Service, presets: list[str], replicas: int, model: str, mix=MIX) -> None:
     """Every preset and the routing path on every class's size, until every replica has answered (the
     health check passes with one)."""
     import httpx
@@ -167,7 +167,7 @@ async def warm_up(service: Service, presets: list[str], replicas: int, model: st
     async with httpx.AsyncClient(base_url=service.url, timeout=300) as http:
         while True:
             bodies = [{"model": model, "prompt": prompt_of(c.prompt_tokens), "max_tokens": 8, "ignore_eos": True,
-                       **extra} for c in MIX for extra in [{"preset": p} for p in presets] + [{}]]
+                       **extra} for c in mix for extra in [{"preset": p} for p in presets] + [{}]]
             responses = await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies * replicas))
             bad = [r for r in responses if r.status_code != 200]
             if bad:
@@ -251,10 +251,10 @@ def records_of(benchmark: dict, klass: str, budget: dict, sent: int | None = Non
 
 # --- the run -----------------------------------------------------------------------------------------------
 
-def calibrate(service: Service, guidellm: Path, tokenizer: Path, model: str, requests: int) -> dict:
+def calibrate(service: Service, guidellm: Path, tokenizer: Path, model: str, requests: int, mix=MIX) -> dict:
     """Idle TTFT and TPOT of the quality preset per class: GuideLLM, one request at a time, first one dropped."""
     idle = {}
-    for index, klass in enumerate(MIX):
+    for index, klass in enumerate(mix):
         spec = scenario(service.url, model, tokenizer, klass, {"preset": "quality"}, {"kind": "synchronous"},
                         requests + 1, 600, 1000 + index, WORK / f"calibrate-{klass.name}.json")
         served = [r for r in records_of(run_guidellm(guidellm, {klass.name: spec}, 900)[klass.name], klass.name, {})
@@ -266,13 +266,13 @@ def calibrate(service: Service, guidellm: Path, tokenizer: Path, model: str, req
 
 
 def run_step(service: Service, guidellm: Path, tokenizer: Path, model: str, rate: float, seconds: float,
-             seed: int, class_budgets: dict) -> tuple[list[Record], dict]:
+             seed: int, class_budgets: dict, mix=MIX) -> tuple[list[Record], dict]:
     """One rate: every class's GuideLLM at once; the records, and the step's facts from the service (requests
     served by preset, its measured/predicted latency ratios) and from GuideLLM (its warnings, such as requests
     sent late because its own process was short of CPU)."""
-    rates, counts = class_rates(rate), class_requests(rate, seconds)
+    rates, counts = class_rates(rate, mix), class_requests(rate, seconds, mix)
     specs = {}
-    for index, klass in enumerate(MIX):
+    for index, klass in enumerate(mix):
         body = {"sla": class_budgets[klass.name]}
         specs[klass.name] = scenario(service.url, model, tokenizer, klass, body,
                                      {"kind": "poisson", "rate": [rates[klass.name]]}, counts[klass.name],
@@ -341,7 +341,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidellm", type=Path, default=GUIDELLM, help=f"GuideLLM's command (default {GUIDELLM})")
     parser.add_argument("--plot", type=Path, help="write the attainment/quality plot here")
+    parser.add_argument("--mix", help="JSON list of request classes (bench/live_trace.py RequestClass fields; "
+                                      "default: its MIX)")
     args = parser.parse_args()
+    try:
+        mix = parse_mix(args.mix)
+    except ValueError as error:
+        fail(str(error))
     # Ctrl-C and SIGTERM end the run through the services' shutdown, even where a shell started this in the
     # background with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -370,13 +376,13 @@ def main() -> None:
     for policy in policies:
         config = service_config(policy, replicas, args.speed_table)
         with Service(config, policy.replace(":", "-")) as service:
-            asyncio.run(warm_up(service, list(quality), replicas, model))
+            asyncio.run(warm_up(service, list(quality), replicas, model, mix))
             if class_budgets is None:
-                idle = calibrate(service, args.guidellm, tokenizer, model, args.calibration_requests)
-                class_budgets = budgets(idle)
+                idle = calibrate(service, args.guidellm, tokenizer, model, args.calibration_requests, mix)
+                class_budgets = budgets(idle, mix)
             for rate in rates:
                 records, facts = run_step(service, args.guidellm, tokenizer, model, rate, args.seconds, args.seed,
-                                          class_budgets)
+                                          class_budgets, mix)
                 row = {"policy": policy, "rate": rate, **summarize(records, args.seconds),
                        "mean_quality": mean_quality(facts["served_by_preset"], quality), **facts}
                 rows.append(row)
@@ -393,7 +399,8 @@ def main() -> None:
     print(json.dumps({
         "bench": "live_sla", "tool": f"guidellm {guidellm_version(args.guidellm)}",
         "replicas": replicas, "cpus": os.cpu_count(), "seconds_per_rate": args.seconds, "rates": rates,
-        "policies": policies, "mix": {c.name: [c.share, c.prompt_tokens, c.output_tokens] for c in MIX},
+        "policies": policies, "mix": {c.name: [c.share, c.prompt_tokens, c.output_tokens, c.ttft_x, c.tpot_x]
+                                      for c in mix},
         "idle_quality_ms": idle and {k: [round(v[0], 1), round(v[1], 2)] for k, v in idle.items()},
         "budgets": class_budgets, "speed_table": speed if args.speed_table else "profiled on this machine",
         **goal(rows), "sweep": str(SWEEP.relative_to(ROOT)), "wall_s": round(time.monotonic() - started),

@@ -6,6 +6,7 @@ No service, no load tool, no clock: ``bench/live_sla.py`` drives the service and
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -30,6 +31,21 @@ MIX = (
     RequestClass("chat", 0.6, prompt_tokens=128, output_tokens=64, ttft_x=8.0, tpot_x=2.0),
     RequestClass("long-context", 0.4, prompt_tokens=3000, output_tokens=32, ttft_x=3.0, tpot_x=2.0),
 )
+
+
+def parse_mix(text: str | None) -> tuple[RequestClass, ...]:
+    """A mix given on a command line: a JSON list of RequestClass fields; None or empty: ``MIX``.
+    Raises ValueError saying what is wrong."""
+    if not text:
+        return MIX
+    try:
+        classes = tuple(RequestClass(**c) for c in json.loads(text))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise ValueError(f"--mix must be a JSON list of {{name, share, prompt_tokens, output_tokens, ttft_x, "
+                         f"tpot_x}} ({error})") from None
+    if not classes or len({c.name for c in classes}) != len(classes) or min(c.share for c in classes) <= 0:
+        raise ValueError("--mix needs at least one class, distinct names and positive shares")
+    return classes
 
 
 def class_rates(total_rate: float, mix=MIX) -> dict[str, float]:

@@ -40,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench.live_trace import MIX, RequestClass, class_rates  # noqa: E402
+from bench.live_trace import MIX, RequestClass, class_rates, parse_mix  # noqa: E402
 from simcore import SimRequest  # noqa: E402
 from simulate import run as simulate  # noqa: E402
 
@@ -97,16 +97,6 @@ def arrivals(rate: float, seconds: float, budgets: dict, seed: int, mix=MIX) -> 
     return sorted(out, key=lambda r: r.arrival)
 
 
-def parse_mix(text: str | None):
-    """``--mix``: a JSON list of request classes (bench/live_trace.py's RequestClass fields); default: MIX."""
-    if not text:
-        return MIX
-    try:
-        return tuple(RequestClass(**c) for c in json.loads(text))
-    except (json.JSONDecodeError, TypeError) as error:
-        fail(f"--mix must be a JSON list of {{name, share, prompt_tokens, output_tokens, ttft_x, tpot_x}} ({error})")
-
-
 def idle_budgets(mix, predictor, config) -> dict:
     """Budgets as live_sla sets them (multiples of the quality preset's idle TTFT and TPOT per class), from
     the simulator: one request alone on one replica, timed by the table."""
@@ -150,7 +140,13 @@ def main() -> None:
     if not live and not (args.rates and args.budgets):
         fail(f"no live run is recorded for this mix ({RECORD.relative_to(ROOT)}): give --rates and --budgets, or "
              "run `bench/report.py run live_sla` first")
-    mix = parse_mix(args.mix)
+    try:
+        mix = parse_mix(args.mix)
+    except ValueError as error:
+        fail(str(error))
+    recorded = live.get("mix") or {}
+    if not args.mix and recorded and all(len(v) == 5 for v in recorded.values()):  # the live run's own mix
+        mix = tuple(RequestClass(name, *v) for name, v in recorded.items())
     predictor, config, speed = the_service(args.speed_table)
     margin = args.margin if args.margin is not None else config.routing.margin
     quantile = (args.future_load_quantile if args.future_load_quantile is not None
@@ -200,7 +196,7 @@ def main() -> None:
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({"bench": "live_twin", "slowdown": args.slowdown, "replicas": replicas, "margin": margin,
                       "future_load_quantile": quantile,
-                      "mix": [c.__dict__ for c in mix] if args.mix else "live_trace.MIX",
+                      "mix": {c.name: [c.share, c.prompt_tokens, c.output_tokens, c.ttft_x, c.tpot_x] for c in mix},
                       "seconds_per_rate": seconds, "seeds": args.seeds,
                       "budgets": budgets, "speed_table": str(speed), "compared_with_live": bool(measured),
                       "largest_gap": worst and {k: worst[k] for k in ("policy", "rate", "live_attainment",

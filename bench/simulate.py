@@ -130,6 +130,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=2048)
     parser.add_argument("--stats-period", type=float, default=0.5)
     parser.add_argument("--margin", type=float, default=0.9, help="the SLA policy's safety margin")
+    parser.add_argument("--future-load-quantile", type=float, default=0.95,
+                        help="the SLA policy's future_load_quantile (0: the load seen at each decision only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/simulation-sweep.json"))
     parser.add_argument("--plot", type=Path)
@@ -142,7 +144,8 @@ def main() -> None:
         for name in POLICIES:
             row[name] = run(name, predictor, [SimRequest(**{f: getattr(r, f) for f in ("arrival", "prompt",
                             "max_tokens", "ttft_ms", "tpot_ms", "deadline_ms", "priority", "kind")}) for r in requests],
-                            args.replicas, int(args.budget_gib * 2**30), args.chunk, args.stats_period, args.margin)
+                            args.replicas, int(args.budget_gib * 2**30), args.chunk, args.stats_period, args.margin,
+                            future_load_quantile=args.future_load_quantile)
         sweep.append(row)
         print(json.dumps({k: (v if k == "rate" else {m: round(x, 3) for m, x in v.items() if m != "attainment_by_class"})
                           for k, v in row.items()}), file=sys.stderr)
@@ -162,7 +165,8 @@ def summary(sweep: list[dict], args) -> dict:
     """The goal: where fixed all-attention meets under half, SLA >= 95% with better quality than the fastest."""
     target = next((row for row in sweep if row["fixed:all-attention"]["attainment"] < 0.5), None)
     out = {"bench": "simulate", "speed": speed_label(args.speed), "replicas": args.replicas,
-           "requests_per_load": args.requests, "seed": args.seed, "margin": args.margin}
+           "requests_per_load": args.requests, "seed": args.seed, "margin": args.margin,
+           "future_load_quantile": args.future_load_quantile}
     if target is None:
         return {**out, "goal": "no load in the sweep drives fixed all-attention under 50%"}
     sla, fastest = target["sla"], target["fixed:Reg/Lklhd-10"]

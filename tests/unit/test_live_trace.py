@@ -112,3 +112,17 @@ def test_prediction_ratios_are_the_mean_over_the_step():
             'supernet_prediction_ratio_sum{kind="ttft",preset="quality"} 0.0\n' \
             'supernet_prediction_ratio_count{kind="ttft",preset="quality"} 0.0\n'
     assert prediction_ratios(before, after) == {"tpot": pytest.approx((8.0 - 2.0 + 1.0) / (4.0 - 2.0 + 1.0), abs=1e-3)}
+
+
+def test_a_mix_given_as_json_and_the_faults_it_names():
+    from bench.live_trace import MIX, parse_mix
+
+    assert parse_mix(None) == MIX and parse_mix("") == MIX
+    (klass,) = parse_mix('[{"name": "long", "share": 1, "prompt_tokens": 3000, "output_tokens": 128, '
+                         '"ttft_x": 3, "tpot_x": 2}]')
+    assert (klass.name, klass.prompt_tokens, klass.tpot_x) == ("long", 3000, 2)
+    for text, fault in (("nope", "JSON list"), ('[{"name": "x"}]', "missing 5 required"), ("[]", "at least one"),
+                        ('[{"name": "a", "share": 0, "prompt_tokens": 1, "output_tokens": 1, "ttft_x": 1, '
+                         '"tpot_x": 1}]', "positive shares")):
+        with pytest.raises(ValueError, match=fault):
+            parse_mix(text)
