@@ -212,6 +212,7 @@ def run(variant: str, predictor: Predictor, trace: Trace, config: ScalingConfig,
             name = decision.replica_id or live[0].sim.name
             replica = next(h for h in live if h.sim.name == name)
             dispatched[name] = dispatched.get(name, 0) + 1
+            replica.sim.arrived.append((now, request.prompt))  # what the worker counts (the router's future load)
             replica.sim.waiting.append(request)
         elif kind == _STEP:
             h = fleet[item]

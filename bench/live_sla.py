@@ -6,7 +6,15 @@ budgets, goodput, p50/p99 TTFT and TPOT, and the mean quality served.
 
 The mix (`bench/live_trace.py`): 60% chat (128 prompt tokens, 64 out; budget 8x the TTFT and 2x the TPOT
 that the quality (all-attention) preset has for it on the idle service), 40% long-context (3000 in, 32 out;
-3x TTFT, 2x TPOT), streamed completions with `ignore_eos`. GuideLLM measures those idle latencies first, one
+3x TTFT, 2x TPOT), streamed completions with `ignore_eos`; `--mix` gives another as JSON request classes
+(`bench/live_trace.py` RequestClass fields), e.g. long outputs behind long prompts, where full attention's
+decode is most of the work:
+
+    .venv/bin/python bench/live_sla.py --replicas 1 --rates 0.3,0.4,0.5 --seconds 150 \
+        --speed-table bench/results/speed-stdlib-supernet-8l-xeon.json \
+        --mix '[{"name": "long-context", "share": 1, "prompt_tokens": 2000, "output_tokens": 512, "ttft_x": 3, "tpot_x": 2}]'
+
+GuideLLM measures those idle latencies first, one
 request at a time (`--budgets` fixes the budgets instead). GuideLLM sends one extra body per process, so each
 class is its own GuideLLM process at its share of the rate, all started together, the class's `sla` in the
 backend's `extras`. A shed (429), an error, a request GuideLLM cut off or one missing from its output
