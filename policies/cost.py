@@ -7,8 +7,8 @@ The model (all times in ms, one decoder layer's worth of each part measured by `
                    L * shared(n) + head(1) + engine(1) + n * sum over layers l: prefill[m_l](s)
 
 ``engine(B)`` is what a whole engine step costs beyond its model parts (scheduling, the step's metadata,
-sampling, detokenizing): on a CPU with a small model it was most of a one-row step (1.5 ms of parts in a
-4.3 ms step), which every prediction missed before the table measured it.
+sampling, detokenizing): on a CPU with a small model it was a third to a half of a one-row step (1.5 ms of
+parts in a 2.6-3.0 ms step of the default checkpoint), which every prediction missed before the table measured it.
 
 ``B`` is the number of rows in the step; a layer's rows are grouped by the mixer
 their placement gives that layer, and each group costs what a homogeneous group
