@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from policies.autoscaling import ScalingConfig, ScalingState, decide, signals_from  # noqa: E402
 from policies.routing import RoutingRequest, WorkerState, build_policy  # noqa: E402
+from policies.routing.arrivals import ArrivalMeter  # noqa: E402
 from policies.routing.predict import Predictor  # noqa: E402
 from simcore import SimReplica, SimRequest  # noqa: E402
 from simulate import CLASSES, predictor_for, speed_label  # noqa: E402
@@ -172,7 +173,8 @@ def run(variant: str, predictor: Predictor, trace: Trace, config: ScalingConfig,
     def scale(now, wanted):
         live = [h for h in fleet if h.drain is None]
         for _ in range(wanted - len(live)):
-            fleet.append(Held(SimReplica(f"r{len(fleet)}", budget, predictor, reuse_steps=reuse_steps), now,
+            fleet.append(Held(SimReplica(f"r{len(fleet)}", budget, predictor, reuse_steps=reuse_steps,
+                                         arrivals=ArrivalMeter(started_at=now)), now,
                               now + startup_s))
         for _ in range(len(live) - wanted):  # a starting replica first (newest), else the least loaded
             live = [h for h in fleet if h.drain is None]
@@ -212,7 +214,7 @@ def run(variant: str, predictor: Predictor, trace: Trace, config: ScalingConfig,
             name = decision.replica_id or live[0].sim.name
             replica = next(h for h in live if h.sim.name == name)
             dispatched[name] = dispatched.get(name, 0) + 1
-            replica.sim.arrived.append((now, request.prompt))  # what the worker counts (the router's future load)
+            replica.sim.arrivals.record(now, request.prompt)  # what the worker counts (the router's future load)
             replica.sim.waiting.append(request)
         elif kind == _STEP:
             h = fleet[item]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from policies.placement import MIXERS
+from policies.routing.arrivals import ArrivalMeter
 from policies.routing.predict import Predictor
 from policies.routing.types import RunningRow, WorkerState
 
@@ -58,8 +59,7 @@ class SimReplica:
     used: int = 0
     busy: bool = False
     finished: list = field(default_factory=list)
-    arrived: deque = field(default_factory=deque)  # (when, prompt tokens) of requests sent here, as the worker counts
-    arrival_window_s: float = 30.0
+    arrivals: ArrivalMeter = field(default_factory=ArrivalMeter)  # requests sent here, counted as the worker does
     busy_s: float = 0.0  # engine busy seconds so far (supernet_engine_busy_seconds_total)
     # Decode time is recomputed when the decoding rows change and every ``reuse_steps`` steps (1: every step,
     # exact; more: contexts grow one token a step, so a few steps at the same time cost a small error, fast).
@@ -137,10 +137,7 @@ class SimReplica:
         presets = self.predictor.presets
         running = tuple(RunningRow(presets[r.preset].placement, r.prompt + r.generated, r.max_tokens - r.generated,
                                    r.cache_bytes) for r in self.running)
-        while self.arrived and self.arrived[0][0] < now - self.arrival_window_s:  # workers.deployment.Arrivals
-            self.arrived.popleft()
-        rate = len(self.arrived) / max(min(self.arrival_window_s, now), 1.0)
-        prompt = sum(n for _, n in self.arrived) / len(self.arrived) if self.arrived else 0.0
+        rate, prompt = self.arrivals.snapshot(now)
         return WorkerState(self.name, running, len(self.waiting), sum(r.prompt for r in self.waiting),
                            sum(r.prefill_left for r in self.running), sum(r.cache_bytes for r in self.waiting),
                            self.budget, self.used, arrivals_per_s=rate, arrival_prompt_tokens=prompt)

@@ -94,7 +94,7 @@ def run(policy_name: str, predictor: Predictor, requests: list[SimRequest], repl
             request.cache_bytes = int(predictor.sequence_bytes(request.prompt + request.max_tokens)[request.preset])
             replica = next(s for s in fleet if s.name == decision.replica_id) if decision.replica_id else fleet[0]
             dispatched[replica.name] = dispatched.get(replica.name, 0) + 1
-            replica.arrived.append((now, request.prompt))
+            replica.arrivals.record(now, request.prompt)
             replica.waiting.append(request)
         else:
             replica = fleet[item]

@@ -25,6 +25,7 @@ import torch
 
 from policies.errors import ConfigError, EngineFailure, WorkerUnavailable
 from policies.placement import Placement
+from policies.routing.arrivals import ArrivalMeter
 from workers.engine import AsyncEngine, Engine, EngineConfig, Request, ServingEngine
 from workers.model.loader import load_checkpoint
 from workers.model.tokenizer import Tokenizer
@@ -92,34 +93,9 @@ def request_from_dict(data: dict, num_layers: int) -> Request:
     )
 
 
-class Arrivals:
-    """Requests submitted to this replica over the last ``window_s`` seconds: their rate and mean prompt length
-    (the router prices the prefills that will arrive while a request decodes). Loop thread only."""
-
-    __slots__ = ("window_s", "_seen", "_since", "_clock")
-
-    def __init__(self, window_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
-        self.window_s, self._clock = window_s, clock
-        self._seen: deque[tuple[float, int]] = deque()  # (when, prompt tokens)
-        self._since = clock()
-
-    def record(self, prompt_tokens: int) -> None:
-        self._seen.append((self._clock(), prompt_tokens))
-
-    def snapshot(self) -> tuple[float, float]:
-        """(requests per second, mean prompt tokens) over the window (or since this replica started)."""
-        now = self._clock()
-        while self._seen and self._seen[0][0] < now - self.window_s:
-            self._seen.popleft()
-        if not self._seen:
-            return 0.0, 0.0
-        span = max(min(self.window_s, now - self._since), 1.0)
-        return len(self._seen) / span, sum(n for _, n in self._seen) / len(self._seen)
-
-
 def routing_stats(stats, arrivals: tuple[float, float] = (0.0, 0.0)) -> dict:
     """A compact, JSON-friendly load snapshot: running rows, the queue, cache memory, the measured step time, and
-    ``arrivals`` (``Arrivals.snapshot``)."""
+    ``arrivals`` (``ArrivalMeter.snapshot``: requests per second and mean prompt tokens lately)."""
     running = len(stats.running)
     decode_steps = [r.seconds for r in stats.recent_steps[-16:]
                     if r.num_prefill_tokens == 0 and r.num_rows == running and running]
@@ -209,7 +185,7 @@ class WorkerServer:
         self.num_layers = self.engine.facts.num_layers
         self.observer = observer
         self.replica_id = _replica_id()  # what submit answers (the ingress's x-supernet-replica)
-        self.arrivals = Arrivals()
+        self.arrivals = ArrivalMeter(started_at=time.monotonic())  # loop thread only
         self.subscriptions = Subscriptions(self.engine, lambda r: request_from_dict(r, self.num_layers),
                                            spec.max_open_requests,
                                            observer.request_done if observer is not None else None)
@@ -222,7 +198,7 @@ class WorkerServer:
         Raises at once what makes it unservable (InvalidRequest, ContextTooLong, Overloaded)."""
         self._ensure_started()
         self.subscriptions.submit(request)
-        self.arrivals.record(len(request["prompt_ids"]))
+        self.arrivals.record(time.monotonic(), len(request["prompt_ids"]))
         return self.replica_id
 
     async def abort(self, request: dict) -> bool:
@@ -246,7 +222,7 @@ class WorkerServer:
         self._ensure_started()
         arrived, first_at, tokens = time.monotonic(), None, 0
         stream = self.engine.submit(request_from_dict(request, self.num_layers))
-        self.arrivals.record(len(request["prompt_ids"]))
+        self.arrivals.record(time.monotonic(), len(request["prompt_ids"]))
         async for batch in batches(stream):
             if first_at is None:
                 first_at = time.monotonic()
@@ -279,7 +255,7 @@ class WorkerServer:
         stats = self.engine.stats()
         if self.observer is not None:
             self.observer.observe(stats)
-        return routing_stats(stats, self.arrivals.snapshot())
+        return routing_stats(stats, self.arrivals.snapshot(time.monotonic()))
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """This replica's load and quality signals, pulled by Serve for the autoscaling policy (in-process path)."""

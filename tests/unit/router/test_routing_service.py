@@ -117,15 +117,13 @@ def test_the_replica_s_arrivals_reach_the_policy(service):
 
 
 def test_a_worker_counts_its_arrivals_over_a_window():
-    from workers.deployment import Arrivals
+    from policies.routing.arrivals import ArrivalMeter
 
-    now = [100.0]
-    arrivals = Arrivals(window_s=10.0, clock=lambda: now[0])
-    assert arrivals.snapshot() == (0.0, 0.0)
-    now[0] = 102.0
+    arrivals = ArrivalMeter(window_s=10.0, started_at=100.0)
+    assert arrivals.snapshot(100.0) == (0.0, 0.0)
     for tokens in (100, 300):
-        arrivals.record(tokens)
-    assert arrivals.snapshot() == (2 / 2.0, 200.0)  # since it started: 2 s
-    now[0] = 130.0
-    arrivals.record(50)
-    assert arrivals.snapshot() == (1 / 10.0, 50.0)  # the first two left the 10 s window
+        arrivals.record(102.0, tokens)
+    assert arrivals.snapshot(102.0) == (2 / 2.0, 200.0)  # since it started: 2 s
+    arrivals.record(130.0, 50)
+    assert arrivals.snapshot(130.0) == (1 / 10.0, 50.0)  # the first two left the 10 s window
+    assert ArrivalMeter(started_at=5.0).snapshot(5.0) == (0.0, 0.0)
