@@ -65,7 +65,7 @@ def the_service(speed_table: str | None):
     config = AppConfig.from_dict(service_config("sla", 1, speed_table), source="live_twin")
     speed = config.tables.speed
     presets = [PresetInfo(p.name, Placement.parse(p.placement), p.quality) for p in config.presets]
-    return Predictor(read_speed_model(Path(speed)), presets), config, speed
+    return Predictor(read_speed_model(Path(speed)), presets, config.worker.max_prefill_tokens), config, speed
 
 
 def slowed(predictor, speed: str, factor: float):
@@ -81,7 +81,7 @@ def slowed(predictor, speed: str, factor: float):
     for key in ("shared_ms", "head_ms", "engine_ms"):
         if data.get(key) is not None:
             data[key] = [v * factor for v in data[key]]
-    return Predictor(SpeedModel.from_file(SpeedFile.model_validate(data)), predictor.presets)
+    return Predictor(SpeedModel.from_file(SpeedFile.model_validate(data)), predictor.presets, predictor.chunk)
 
 
 def arrivals(rate: float, seconds: float, budgets: dict, seed: int, mix=MIX) -> list[SimRequest]:

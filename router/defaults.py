@@ -97,6 +97,9 @@ def _kept_profile(folder: Path, path: Path):
         return None, f"the kept table was made by other software ({made.software})"
     if table.engine_ms is None:
         return None, "the kept table predates the engine's own step time (engine_ms)"
+    if table.prefill_chunk != WorkerSettings().max_prefill_tokens:
+        return None, (f"the kept table timed prefill in chunks of {table.prefill_chunk} tokens, the workers run "
+                      f"{WorkerSettings().max_prefill_tokens}")
     if measured.other_cpus is not None and measured.other_cpus > BUSY_CPUS:
         return table, f"other processes kept {measured.other_cpus:.1f} CPUs busy while the kept table was taken"
     return table, None
@@ -112,7 +115,9 @@ def _profile(folder: Path, out: Path, why: str, kept=None) -> None:
     grid = profiling.DEFAULT_GRIDS["cpu"]
     with _worker_threads():
         target = profiling.load_target(folder, None, device, profiling.resolve_dtype(None, device))
-        table = profiling.profile(target, grid["batches"], grid["contexts"], grid["prefill_chunk"], progress=False)
+        # Prefill timed in the chunks the workers run: a chunk's cost per token grows with its length.
+        table = profiling.profile(target, grid["batches"], grid["contexts"], WorkerSettings().max_prefill_tokens,
+                                  progress=False)
     if kept is not None and not _quieter(table, kept):
         log.warning("the CPUs were as busy this time: keeping %s; it is taken again at the next start, "
                     "which should find the machine quieter", out)

@@ -88,7 +88,8 @@ class Gateway:
             infos = [PresetInfo(n, self.placements[n], p.quality) for n, p in self.presets.items()]
             self.routing = RoutingService(config.routing.policy, config.tables.speed, infos, self.num_layers,
                                           self.default_preset, config.routing.margin, config.tables.acceptance,
-                                          future_load_quantile=config.routing.future_load_quantile)
+                                          future_load_quantile=config.routing.future_load_quantile,
+                                          prefill_chunk=config.worker.max_prefill_tokens)
         self.best_quality = max((p.quality for p in rated), default=None)
 
     # ---- access ----

@@ -35,11 +35,12 @@ CALIBRATION_LIMITS = (0.2, 20.0)
 class RoutingService:
     def __init__(self, policy_name: str, speed_path: str, presets: list[PresetInfo], num_layers: int,
                  default_preset: str | None, margin: float, acceptance_path: str | None = None,
-                 clock: Callable[[], float] = time.time, future_load_quantile: float = 0.95):
+                 clock: Callable[[], float] = time.time, future_load_quantile: float = 0.95,
+                 prefill_chunk: int | None = None):
         speed = read_speed_model(speed_path)
         if speed.num_layers != num_layers:
             raise InvalidRequest(f"{speed_path}: the speed table has {speed.num_layers} layers, the model {num_layers}")
-        self.predictor = Predictor(speed, presets)
+        self.predictor = Predictor(speed, presets, prefill_chunk)
         self.acceptance = None
         if acceptance_path is not None:
             table = read_table(acceptance_path, AcceptanceFile)

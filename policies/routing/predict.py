@@ -177,7 +177,10 @@ class Forecast:
 
 
 class Predictor:
-    def __init__(self, speed: SpeedModel, presets: list[PresetInfo]):
+    """``prefill_chunk``: prompt tokens the workers prefill per step (``worker.max_prefill_tokens``), which
+    sets how many chunk steps a prompt takes; default: the chunk the table was profiled with."""
+
+    def __init__(self, speed: SpeedModel, presets: list[PresetInfo], prefill_chunk: int | None = None):
         self.speed = speed
         self.presets = presets
         self.num_layers = speed.num_layers
@@ -199,7 +202,7 @@ class Predictor:
         self.prefill_per_token = layer_mixers @ per_mixer  # [P, G]
         self._mixer_counts = layer_mixers  # [P, 4]: layers per mixer
         self.prefill_contexts = np.asarray(speed.prefill_contexts, dtype=float)  # [G]
-        self.chunk = speed.prefill_chunk
+        self.chunk = prefill_chunk or speed.prefill_chunk
         # A prefill chunk's step: the shared layers on its tokens, one row's head and engine work.
         self.chunk_fixed_ms = self.num_layers * speed.shared(self.chunk).ms + speed.head(1).ms + speed.engine(1).ms
         self._bytes = _BytesModel(speed, presets)

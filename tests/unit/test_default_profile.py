@@ -10,6 +10,7 @@ import pytest
 
 from policies.tables import SpeedFile, read_table
 from router import defaults
+from router.config import WorkerSettings
 from workers import profiling
 
 FOLDER = defaults.default_checkpoint()
@@ -45,8 +46,11 @@ def kept_table(tmp_path: Path, name: str = "speed.json", **changes) -> Path:
                                device=here)
     data["measurement"].update(cache_fill=profiling.CACHE_FILL, other_cpus=0.1)
     data.setdefault("engine_ms", [2.5] * len(data["batches"]))  # as this code's profile measures it
+    data["prefill_chunk"] = WorkerSettings().max_prefill_tokens  # timed in the chunks the workers run
     if changes.pop("engine_ms__absent", False):
         del data["engine_ms"]
+    if chunk := changes.pop("other_prefill_chunk", None):  # another chunk than the workers'
+        data["prefill_chunk"] = chunk
     for key, value in changes.items():
         section, field = key.split("__")
         data[section][field] = value
@@ -66,6 +70,7 @@ def test_a_table_taken_here_by_this_code_on_a_quiet_machine_is_kept(tmp_path):
     (dict(fingerprint__software="supernet-router 0.0.1, torch 1.0"), "other software (supernet-router 0.0.1"),
     (dict(measurement__cache_fill="random keys written into per-sequence caches"), "other software"),
     (dict(engine_ms__absent=True), "predates the engine's own step time"),
+    (dict(other_prefill_chunk=64), "timed prefill in chunks of 64 tokens, the workers run 256"),
 ])
 def test_a_table_that_no_longer_describes_this_machine_or_code_is_taken_again(tmp_path, changes, reason):
     table, why = defaults._kept_profile(FOLDER, kept_table(tmp_path, **changes))

@@ -155,3 +155,17 @@ def test_a_preset_using_a_mixer_the_speed_table_does_not_time_is_refused():
     alone = Predictor(speed, PRESETS[:1])  # all-attention needs no gdn timings
     forecast = alone.predict(RoutingRequest(1000, 10), SlaPolicy(alone).fleet([busy_worker("w", 2, 1000)]))
     assert np.isfinite(forecast.times).all()
+
+
+def test_prompts_are_chunked_as_the_workers_chunk_them(speed):
+    """The table times prefill per token; how many chunk steps a prompt takes is the workers' max_prefill_tokens."""
+    from policies.routing import RoutingRequest, SlaPolicy
+
+    request = RoutingRequest(20000, 10)
+    ttft = {}
+    for chunk in (None, 4096):
+        predictor = Predictor(speed, PRESETS, prefill_chunk=chunk)
+        assert predictor.chunk == (chunk or speed.prefill_chunk)
+        ttft[chunk] = predictor.predict(request, SlaPolicy(predictor).fleet([])).ttft[0, 0]
+    steps = {chunk: -(-20000 // (chunk or speed.prefill_chunk)) for chunk in ttft}
+    assert steps[4096] < steps[None] and ttft[4096] < ttft[None]  # fewer chunk steps, each with its fixed cost
