@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--margin", type=float, help="the SLA policy's safety margin (default: the service's)")
     parser.add_argument("--future-load-quantile", type=float,
                         help="the SLA policy's future_load_quantile (default: the service's)")
+    parser.add_argument("--protect-running", choices=("on", "off"),
+                        help="the SLA policy's protect_running (default: the service's)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"the per-rate table (default {OUT.relative_to(ROOT)})")
     parser.add_argument("--seconds", type=float, help="seconds of arrivals per rate (default: the live run's)")
     parser.add_argument("--replicas", type=int, help="worker replicas (default: the live run's)")
@@ -151,6 +153,7 @@ def main() -> None:
     margin = args.margin if args.margin is not None else config.routing.margin
     quantile = (args.future_load_quantile if args.future_load_quantile is not None
                 else config.routing.future_load_quantile)
+    protect = config.routing.protect_running if args.protect_running is None else args.protect_running == "on"
     try:
         budgets = (idle_budgets(mix, predictor, config) if args.budgets == "idle"
                    else json.loads(args.budgets) if args.budgets else live["budgets"])
@@ -176,7 +179,7 @@ def main() -> None:
                 requests = arrivals(rate, seconds, budgets, seed, mix)
                 result = simulate(policy, predictor, requests, replicas, config.worker.cache_budget_bytes,
                                   config.worker.max_prefill_tokens, config.routing.stats_period_s, margin, truth,
-                                  quantile)
+                                  quantile, protect)
                 draws.append((result["attainment"], result["mean_quality"]))
             attainment = sorted(a for a, _ in draws)
             row = {"policy": policy, "rate": rate,
@@ -195,7 +198,7 @@ def main() -> None:
             print(json.dumps(row), file=sys.stderr)
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({"bench": "live_twin", "slowdown": args.slowdown, "replicas": replicas, "margin": margin,
-                      "future_load_quantile": quantile,
+                      "future_load_quantile": quantile, "protect_running": protect,
                       "mix": {c.name: [c.share, c.prompt_tokens, c.output_tokens, c.ttft_x, c.tpot_x] for c in mix},
                       "seconds_per_rate": seconds, "seeds": args.seeds,
                       "budgets": budgets, "speed_table": str(speed), "compared_with_live": bool(measured),

@@ -17,7 +17,7 @@ import numpy as np
 from policies.placement import MIXERS
 from policies.routing.arrivals import ArrivalMeter
 from policies.routing.predict import Predictor
-from policies.routing.types import RunningRow, WorkerState
+from policies.routing.types import RunningRow, WorkerState, step_allowance_ms
 
 
 @dataclass(slots=True)
@@ -136,7 +136,9 @@ class SimReplica:
     def snapshot(self, now: float) -> WorkerState:
         presets = self.predictor.presets
         running = tuple(RunningRow(presets[r.preset].placement, r.prompt + r.generated, r.max_tokens - r.generated,
-                                   r.cache_bytes) for r in self.running)
+                                   r.cache_bytes, step_allowance_ms(r.tpot_ms, r.max_tokens, r.generated, 0.0 if
+                                   r.first_token is None else 1000 * (now - r.first_token)))
+                        for r in self.running)
         rate, prompt = self.arrivals.snapshot(now)
         return WorkerState(self.name, running, len(self.waiting), sum(r.prompt for r in self.waiting),
                            sum(r.prefill_left for r in self.running), sum(r.cache_bytes for r in self.waiting),

@@ -66,10 +66,11 @@ def workload(rate: float, count: int, seed: int) -> list[SimRequest]:
 
 def run(policy_name: str, predictor: Predictor, requests: list[SimRequest], replicas: int, budget: int,
         chunk: int, stats_period: float, margin: float = 0.9, truth: Predictor | None = None,
-        future_load_quantile: float = 0.95) -> dict:
+        future_load_quantile: float = 0.95, protect_running: bool = True) -> dict:
     """``truth``: the step times the replicas really take, where they differ from the table the router
     predicts with (default: the same)."""
-    policy = build_policy(policy_name, predictor, margin=margin, future_load_quantile=future_load_quantile)
+    policy = build_policy(policy_name, predictor, margin=margin, future_load_quantile=future_load_quantile,
+                          protect_running=protect_running)
     index = {p.name: i for i, p in enumerate(predictor.presets)}
     fleet = [SimReplica(f"r{i}", budget, truth or predictor) for i in range(replicas)]
     events = [(r.arrival, 1, i) for i, r in enumerate(requests)]  # (time, kind 0 step-end / 1 arrival, id)
@@ -132,6 +133,8 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=0.9, help="the SLA policy's safety margin")
     parser.add_argument("--future-load-quantile", type=float, default=0.95,
                         help="the SLA policy's future_load_quantile (0: the load seen at each decision only)")
+    parser.add_argument("--no-protect-running", dest="protect_running", action="store_false",
+                        help="the SLA policy checks the new request's budget only, not the running rows'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results/simulation-sweep.json"))
     parser.add_argument("--plot", type=Path)
@@ -145,7 +148,7 @@ def main() -> None:
             row[name] = run(name, predictor, [SimRequest(**{f: getattr(r, f) for f in ("arrival", "prompt",
                             "max_tokens", "ttft_ms", "tpot_ms", "deadline_ms", "priority", "kind")}) for r in requests],
                             args.replicas, int(args.budget_gib * 2**30), args.chunk, args.stats_period, args.margin,
-                            future_load_quantile=args.future_load_quantile)
+                            future_load_quantile=args.future_load_quantile, protect_running=args.protect_running)
         sweep.append(row)
         print(json.dumps({k: (v if k == "rate" else {m: round(x, 3) for m, x in v.items() if m != "attainment_by_class"})
                           for k, v in row.items()}), file=sys.stderr)
@@ -166,7 +169,7 @@ def summary(sweep: list[dict], args) -> dict:
     target = next((row for row in sweep if row["fixed:all-attention"]["attainment"] < 0.5), None)
     out = {"bench": "simulate", "speed": speed_label(args.speed), "replicas": args.replicas,
            "requests_per_load": args.requests, "seed": args.seed, "margin": args.margin,
-           "future_load_quantile": args.future_load_quantile}
+           "future_load_quantile": args.future_load_quantile, "protect_running": args.protect_running}
     if target is None:
         return {**out, "goal": "no load in the sweep drives fixed all-attention under 50%"}
     sla, fastest = target["sla"], target["fixed:Reg/Lklhd-10"]

@@ -87,6 +87,8 @@ class RoutingSettings(_Strict):
     future_load_quantile: float = Field(0.95, ge=0, lt=1, description="TPOT must meet its budget with this "
                                         "quantile of the requests arriving at the replica while it decodes (their "
                                         "prefills stretch every decode step); 0: only the load seen now.")
+    protect_running: bool = Field(True, description="A new request gets no preset whose step would make a "
+                                  "running request there miss its TPOT budget (the fastest, when every one would).")
     default_preset: str | None = Field(None, description="Preset without a speed table or budget-free baselines; "
                                                          "default: the best-quality preset.")
     stats_period_s: float = Field(0.1, gt=0, description="How often workers publish their load to the router "

@@ -89,6 +89,7 @@ class Gateway:
             self.routing = RoutingService(config.routing.policy, config.tables.speed, infos, self.num_layers,
                                           self.default_preset, config.routing.margin, config.tables.acceptance,
                                           future_load_quantile=config.routing.future_load_quantile,
+                                          protect_running=config.routing.protect_running,
                                           prefill_chunk=config.worker.max_prefill_tokens)
         self.best_quality = max((p.quality for p in rated), default=None)
 

@@ -13,6 +13,7 @@ Downgrade labels ask the same, calibrated policy what the request would get on i
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +37,7 @@ class RoutingService:
     def __init__(self, policy_name: str, speed_path: str, presets: list[PresetInfo], num_layers: int,
                  default_preset: str | None, margin: float, acceptance_path: str | None = None,
                  clock: Callable[[], float] = time.time, future_load_quantile: float = 0.95,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, protect_running: bool = True):
         speed = read_speed_model(speed_path)
         if speed.num_layers != num_layers:
             raise InvalidRequest(f"{speed_path}: the speed table has {speed.num_layers} layers, the model {num_layers}")
@@ -47,7 +48,7 @@ class RoutingService:
             check_layers(f"{acceptance_path} (acceptance table)", table.fingerprint.num_layers, "the model", num_layers)
             self.acceptance = AcceptanceRates.from_table(table)
         self.policy = build_policy(policy_name, self.predictor, default_preset, margin, self.acceptance,
-                                   future_load_quantile)
+                                   future_load_quantile, protect_running)
         self.num_layers = num_layers
         self.clock = clock  # wall time: snapshots carry the worker's time.time()
         self.calibration: dict[str, float] = {}
@@ -138,7 +139,9 @@ class RoutingService:
 
     def _rows(self, stats: dict) -> list[tuple[RunningRow, str | None]]:
         """The snapshot's running rows and their request ids (None from workers that do not send them)."""
-        return [(RunningRow(Placement.parse(code, self.num_layers), int(context), int(remaining), int(size)),
+        allowances = stats.get("step_allowance_ms") or {}
+        return [(RunningRow(Placement.parse(code, self.num_layers), int(context), int(remaining), int(size),
+                            float(allowances.get(request_id[0], math.inf)) if request_id else math.inf),
                  request_id[0] if request_id else None)
                 for code, context, remaining, size, *request_id in stats.get("running", ())]
 

@@ -93,9 +93,11 @@ def request_from_dict(data: dict, num_layers: int) -> Request:
     )
 
 
-def routing_stats(stats, arrivals: tuple[float, float] = (0.0, 0.0)) -> dict:
-    """A compact, JSON-friendly load snapshot: running rows, the queue, cache memory, the measured step time, and
-    ``arrivals`` (``ArrivalMeter.snapshot``: requests per second and mean prompt tokens lately)."""
+def routing_stats(stats, arrivals: tuple[float, float] = (0.0, 0.0),
+                  step_allowances: dict[str, float] | None = None) -> dict:
+    """A compact, JSON-friendly load snapshot: running rows, the queue, cache memory, the measured step time,
+    ``arrivals`` (``ArrivalMeter.snapshot``: requests per second and mean prompt tokens lately) and the
+    running requests' ``step_allowances`` (``Subscriptions.step_allowances``; request id -> ms)."""
     running = len(stats.running)
     decode_steps = [r.seconds for r in stats.recent_steps[-16:]
                     if r.num_prefill_tokens == 0 and r.num_rows == running and running]
@@ -114,6 +116,7 @@ def routing_stats(stats, arrivals: tuple[float, float] = (0.0, 0.0)) -> dict:
         "decode_step_ms": 1000 * decode_steps[len(decode_steps) // 2] if decode_steps else None,
         "arrivals_per_s": round(arrivals[0], 4),
         "arrival_prompt_tokens": round(arrivals[1], 1),
+        "step_allowance_ms": step_allowances or {},
     }
 
 
@@ -255,7 +258,8 @@ class WorkerServer:
         stats = self.engine.stats()
         if self.observer is not None:
             self.observer.observe(stats)
-        return routing_stats(stats, self.arrivals.snapshot(time.monotonic()))
+        now = time.monotonic()
+        return routing_stats(stats, self.arrivals.snapshot(now), self.subscriptions.step_allowances(now))
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """This replica's load and quality signals, pulled by Serve for the autoscaling policy (in-process path)."""

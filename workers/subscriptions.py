@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 
 from policies.errors import EngineFailure, Overloaded
+from policies.routing.types import step_allowance_ms
 from workers.engine import Request, ServingEngine, TokenEvent
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,23 @@ class Subscriptions:
         finally:
             if outbox.generation == mine:
                 self._close(ingress, outbox)
+
+    def step_allowances(self, now: float) -> dict[str, float]:
+        """Per open request with a TPOT budget, the longest mean step it can still take and meet it (ms,
+        ``step_allowance_ms``), timed from when its first token left here: the router keeps new rows from
+        slowing the batch past it."""
+        allowances = {}
+        for outbox in self.outboxes.values():
+            for request_id, record in outbox.open.items():
+                tpot_ms = (record.request.get("sla") or {}).get("tpot_ms")
+                if tpot_ms is None:
+                    continue
+                decoding_ms = 0.0 if record.first_at is None else 1000 * (now - record.first_at)
+                max_tokens = record.request.get("params", {}).get("max_tokens", 16)
+                allowance = step_allowance_ms(tpot_ms, max_tokens, record.tokens, decoding_ms)
+                if allowance != math.inf:
+                    allowances[request_id] = round(allowance, 3)
+        return allowances
 
     def _messages(self, outbox: Outbox) -> dict[str, dict]:
         message, now = {}, time.monotonic()

@@ -97,17 +97,19 @@ def forecast_pairs(prompt_tokens, max_tokens, chunk, chunk_fixed_ms, prefill_con
 
 
 @_jit
-def earliest_per_preset(times, flags, allowed, ttft_limit, tpot_limit, deadline, ttft_error, tpot_error):
-    """From ``forecast_pairs``' arrays: per preset, the earliest completion and its worker in three pools
-    ([3, presets]; inf: the pool is empty):
+def earliest_per_preset(times, flags, allowed, ttft_limit, tpot_limit, deadline, ttft_error, tpot_error, step_caps):
+    """From ``forecast_pairs``' arrays: per preset, the earliest completion and its worker in four pools
+    ([4, presets]; inf: the pool is empty):
         0: pairs admitted now that meet the budget,
         1: pairs that meet the budget,
-        2: usable pairs (the preset is allowed and its cache fits the worker).
+        2: usable pairs (the preset is allowed and its cache fits the worker),
+        3: pairs of pool 0 whose step also stays within ``step_caps[w]``, what the worker's running rows can
+           still take and meet their own budgets (the new row's TPOT is the step they will share).
     The budget is checked on calibrated predictions: ttft and tpot scaled by the ratios measured on served
     requests; limits are inf where the request sets none. Ties go to the lowest worker index."""
     presets, workers = times.shape[1], times.shape[2]
-    soonest = np.full((3, presets), np.inf)
-    where = np.zeros((3, presets), dtype=np.int64)
+    soonest = np.full((4, presets), np.inf)
+    where = np.zeros((4, presets), dtype=np.int64)
     for p in range(presets):
         if not allowed[p]:
             continue
@@ -118,13 +120,17 @@ def earliest_per_preset(times, flags, allowed, ttft_limit, tpot_limit, deadline,
             if done < soonest[2, p]:
                 soonest[2, p], where[2, p] = done, w
             first = times[1, p, w] * ttft_error
-            meets = (first <= ttft_limit and times[2, p, w] * tpot_error <= tpot_limit
+            tpot = times[2, p, w] * tpot_error
+            meets = (first <= ttft_limit and tpot <= tpot_limit
                      and first + (done - times[1, p, w]) * tpot_error <= deadline)
             if meets:
                 if done < soonest[1, p]:
                     soonest[1, p], where[1, p] = done, w
-                if flags[1, p, w] and done < soonest[0, p]:  # admitted now
-                    soonest[0, p], where[0, p] = done, w
+                if flags[1, p, w]:  # admitted now
+                    if done < soonest[0, p]:
+                        soonest[0, p], where[0, p] = done, w
+                    if tpot <= step_caps[w] and done < soonest[3, p]:
+                        soonest[3, p], where[3, p] = done, w
     return soonest, where
 
 

@@ -6,8 +6,11 @@ SLA policy, in order:
    the requests that will arrive while it decodes, at a quantile of the replica's arrivals
    (``future_load_quantile``, ``kernels.add_future_load``);
 3. keep pairs that meet every given budget with a safety margin and whose cache can ever fit;
-4. among pairs admitted at once (no queue, cache fits now) pick the highest predicted quality, ties
-   going to the earliest completion; when every replica queues, the earliest completion instead:
+4. among pairs admitted at once (no queue, cache fits now) whose step the replica's running rows can
+   take and still meet their own TPOT budgets (``RunningRow.step_allowance_ms``, with the margin; rows
+   already past saving are not counted), pick the highest predicted quality, ties going to the earliest
+   completion; when every admitted pair would cost a running row its budget, the fastest admitted pair
+   (least harm: ``protect_running``); when every replica queues, the earliest completion instead:
    admission is FIFO, so a request that queues blocks all behind it, and fast, small presets drain
    the queues (degrade before the budget is lost);
 5. nothing meets the budget: shed a sheddable request (``no-preset-meets-slo``), else serve the
@@ -54,7 +57,7 @@ class _Base:
         # Compile the per-request loops now (or load them from numba's cache), not on the first request.
         forecast = predictor.predict(RoutingRequest(1, 1), self.fleet([]))
         earliest_per_preset(forecast.times, forecast.flags, np.ones(len(self.presets), dtype=bool), 1.0, 1.0, 1.0,
-                            1.0, 1.0)
+                            1.0, 1.0, np.ones(1))
 
     def fleet(self, states: list[WorkerState]) -> Fleet:
         """Per-snapshot work is cached: a replica's view is rebuilt only when its state object changes,
@@ -102,8 +105,9 @@ class _Base:
 
 class SlaPolicy(_Base):
     def __init__(self, predictor: Predictor, margin: float = 0.9, acceptance: AcceptanceRates | None = None,
-                 min_gain: float = 0.05, future_load_quantile: float = 0.95):
+                 min_gain: float = 0.05, future_load_quantile: float = 0.95, protect_running: bool = True):
         super().__init__(predictor)
+        self.protect_running = protect_running  # False: only the new request's own budget is checked
         if not 0 <= future_load_quantile < 1:
             raise ConfigError(f"routing future_load_quantile must be in [0, 1), got {future_load_quantile}")
         self.future_load_quantile = future_load_quantile  # 0: budgets checked against today's load only
@@ -160,15 +164,24 @@ class SlaPolicy(_Base):
             inf if request.ttft_ms is None else float(self.margin * request.ttft_ms),  # floats: one compiled
             inf if request.tpot_ms is None else float(self.margin * request.tpot_ms),  # signature only
             inf if request.deadline_ms is None else float(self.margin * request.deadline_ms),
-            float(self.error["ttft"]), float(self.error["tpot"]))
-        admitted, meeting, usable = soonest.tolist()
+            float(self.error["ttft"]), float(self.error["tpot"]),
+            self.margin * fleet.step_cap if self.protect_running else np.full(len(fleet.views), inf))
+        admitted, meeting, usable, harmless = soonest.tolist()
         # Prefer pairs admitted at once: a request that queues for memory blocks every request behind it
-        # (admission is FIFO), so a quality win for one can cost many their budgets.
-        p = self._best_quality(admitted)
+        # (admission is FIFO), so a quality win for one can cost many their budgets. Among those, pairs whose
+        # step the running rows can take: a heavy row admitted where the running rows' budgets are tight
+        # slows all of them, and those budgets were promised first.
+        p = self._best_quality(harmless)
         if p is not None:
             reason = ("preset forced by the request" if forced is not None else
                       "best quality that meets the budget" if request.has_budget else "no budget: best quality")
-            return self._decision(p, where.item(0, p), fleet, forecast, reason)
+            return self._decision(p, where.item(3, p), fleet, forecast, reason)
+        if forced is not None and admitted[forced] != inf:
+            return self._decision(forced, where.item(0, forced), fleet, forecast, "preset forced by the request")
+        if min(admitted) != inf:  # every admitted pair slows some running row past its budget: the least
+            p = min(range(len(admitted)), key=admitted.__getitem__)
+            return self._decision(p, where.item(0, p), fleet, forecast, "fastest preset that meets the budget: "
+                                  "the running requests' budgets leave no room for a better one")
         if min(usable) == inf:
             raise InvalidRequest("the request's cache (prompt + max_tokens) fits no replica under any allowed "
                                  "preset: shorten it")
@@ -294,11 +307,13 @@ def _load(state: WorkerState) -> tuple:
 
 
 def build_policy(name: str, predictor: Predictor, default_preset: str | None = None, margin: float = 0.9,
-                 acceptance: AcceptanceRates | None = None, future_load_quantile: float = 0.95):
+                 acceptance: AcceptanceRates | None = None, future_load_quantile: float = 0.95,
+                 protect_running: bool = True):
     """``sla`` | ``fixed:<preset>`` | ``round-robin`` | ``least-loaded`` (the last two on the default preset)."""
     default = default_preset or max(predictor.presets, key=lambda p: p.quality).name
     if name == "sla":
-        return SlaPolicy(predictor, margin, acceptance, future_load_quantile=future_load_quantile)
+        return SlaPolicy(predictor, margin, acceptance, future_load_quantile=future_load_quantile,
+                         protect_running=protect_running)
     if name.startswith("fixed:"):
         return Baseline(predictor, name.split(":", 1)[1], "round-robin")
     if name in ("round-robin", "round_robin"):

@@ -99,6 +99,10 @@ class Fleet:
     release_start: np.ndarray  # [W + 1] int64
     arrivals_per_ms: np.ndarray  # [W]: requests reaching each worker (kernels.add_future_load)
     interference_ms: np.ndarray  # [W]: calibrated prefill of a typical arrival there, stretching every decode
+    # [W]: the longest step the running rows there can still take within their TPOT budgets: the tightest
+    # allowance among rows that today's step still meets (inf: none has a budget; rows already lost do not
+    # hold the others back).
+    step_cap: np.ndarray
 
     @classmethod
     def stack(cls, views: tuple[WorkerView, ...], onehot: np.ndarray, chunk_fixed_ms: float, chunk: int) -> "Fleet":
@@ -133,7 +137,13 @@ class Fleet:
             release_start=np.cumsum([0] + [len(c) for c in curves_bytes]).astype(np.int64),
             arrivals_per_ms=column(lambda v: v.state.arrivals_per_s / 1000.0),
             interference_ms=calibration * column(lambda v: v.interference_ms),
+            step_cap=np.array([_step_cap(v.state, now) for v, now in zip(views, calibration * base)]),
         )
+
+
+def _step_cap(state: WorkerState, step_now_ms: float) -> float:
+    savable = [r.step_allowance_ms for r in state.running if r.step_allowance_ms >= step_now_ms]
+    return min(savable, default=np.inf)
 
 
 @dataclass(frozen=True, slots=True, eq=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from policies.placement import Placement
@@ -47,6 +48,19 @@ class RunningRow:
     context_tokens: int  # tokens in its cache now
     remaining_tokens: int  # tokens it may still generate
     cache_bytes: int  # what it has reserved (freed when it finishes)
+    step_allowance_ms: float = math.inf  # the longest mean step it can take and meet its TPOT (function below)
+
+
+def step_allowance_ms(tpot_ms: float | None, max_tokens: int, tokens: int, decoding_ms: float) -> float:
+    """The longest mean decode step a running request can still take and meet its TPOT budget.
+
+    TPOT is measured over the tokens after the first: (max_tokens - 1) steps in all, ``decoding_ms`` of them
+    spent since the first token (0 before it), and max_tokens - tokens left (a request may stop early; it is
+    not counted on to). inf without a budget or with nothing left; negative once the budget is already lost."""
+    left = max_tokens - max(tokens, 1)
+    if tpot_ms is None or left <= 0:
+        return math.inf
+    return (tpot_ms * (max_tokens - 1) - decoding_ms) / left
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,3 +43,19 @@ def test_a_slowed_twin_takes_every_time_of_the_table_times_the_factor():
         1.5 * table.speed.step([(presets[0].placement, 1024)] * 4).ms)
     assert slow.prefill_ms_per_token(1, 64) == pytest.approx(1.5 * table.prefill_ms_per_token(1, 64))
     assert data == json.loads(SPEED.read_text())  # the table itself is left alone
+
+
+def test_the_twin_reports_its_running_rows_step_allowances_as_the_worker_does():
+    import math
+
+    from bench.simcore import SimReplica, SimRequest
+    from policies.routing.types import step_allowance_ms
+
+    presets = [PresetInfo("quality", Placement.parse("AAAAAAAA"), 1.0)]
+    replica = SimReplica("r0", 2**40, Predictor(read_speed_model(SPEED), presets))
+    budgeted = SimRequest(0.0, 64, 101, None, 10.0, None, 0, "chat", preset=0, generated=41, first_token=1.0)
+    free = SimRequest(0.0, 64, 101, None, None, None, 0, "chat", preset=0, generated=5, first_token=1.0)
+    replica.running = [budgeted, free]
+    rows = replica.snapshot(1.5).running
+    assert rows[0].step_allowance_ms == step_allowance_ms(10.0, 101, 41, 500.0) == pytest.approx(500 / 60)
+    assert rows[1].step_allowance_ms == math.inf

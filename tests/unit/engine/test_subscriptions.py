@@ -234,3 +234,33 @@ def test_subscriptions_and_aborts_are_not_calls_of_the_request_that_starts_them(
 
     asyncio.run(main())
     assert seen == {"submit": None, "subscribe": None, "abort": None}
+
+
+def test_a_replica_reports_how_long_a_step_its_budgeted_requests_can_still_take(make_server):
+    """What the router protects (``step_allowance_ms``): per open request with a TPOT budget, from its
+    budget, its max_tokens, the tokens it has had and the time since its first token left."""
+    from policies.routing.types import step_allowance_ms
+
+    server = make_server()
+
+    async def main():
+        budgeted = {**request("b", max_tokens=400), "ingress": "i1", "sla": {"ttft_ms": 1000, "tpot_ms": 50}}
+        await server.submit(budgeted)
+        await server.submit({**request("free", max_tokens=400), "ingress": "i1", "sla": None})
+        before = server.subscriptions.step_allowances(0.0)
+        stream = server.subscribe({"ingress": "i1"})
+        await stream.__anext__()  # the first message: some requests' first tokens
+        record = server.subscriptions.outboxes["i1"].open["b"]
+        while record.first_at is None:
+            await stream.__anext__()
+        stats = await server.record_routing_stats()
+        allowances = server.subscriptions.step_allowances(record.first_at + 0.02)
+        expected = step_allowance_ms(50, 400, record.tokens, 20.0)
+        await stream.aclose()
+        await server.engine.stop()
+        return before, stats, allowances, expected
+
+    before, stats, allowances, expected = asyncio.run(main())
+    assert before == {"b": 50}  # no token yet: the whole budget per step
+    assert allowances == {"b": pytest.approx(expected, abs=1e-3)}  # the budget-free request is not listed
+    assert set(stats["step_allowance_ms"]) <= {"b"}

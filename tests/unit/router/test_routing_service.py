@@ -127,3 +127,13 @@ def test_a_worker_counts_its_arrivals_over_a_window():
     arrivals.record(130.0, 50)
     assert arrivals.snapshot(130.0) == (1 / 10.0, 50.0)  # the first two left the 10 s window
     assert ArrivalMeter(started_at=5.0).snapshot(5.0) == (0.0, 0.0)
+
+
+def test_the_running_rows_step_allowances_reach_the_policy(service):
+    import math
+
+    stats = {**snapshot(["AAAAAA", 20, 3, 1024, "a"], ["KKKKKK", 20, 3, 1024, "b"]), "step_allowance_ms": {"a": 7.5}}
+    (state,) = service.states([replica(stats)])
+    assert [r.step_allowance_ms for r in state.running] == [7.5, math.inf]  # "b" has no TPOT budget
+    (older,) = service.states([replica(snapshot(["AAAAAA", 20, 3, 1024, "a"], taken_at=time.time() + 1))])
+    assert older.running[0].step_allowance_ms == math.inf  # a worker that does not report them

@@ -1,5 +1,6 @@
 """The SLA policy on built states: budgets, long contexts, overload, quality floors, forced presets."""
 
+import math
 import random
 
 import pytest
@@ -199,3 +200,74 @@ def test_a_replica_that_keeps_receiving_prompts_gets_a_faster_preset():
     assert SlaPolicy(small, future_load_quantile=0).decide(request, [busy]).preset == "careful"
     with pytest.raises(Exception, match="future_load_quantile must be in"):
         SlaPolicy(small, future_load_quantile=1.0)
+
+
+def test_a_step_allowance_is_the_mean_step_that_lands_exactly_on_the_budget():
+    from policies.routing.types import step_allowance_ms
+
+    assert step_allowance_ms(10.0, 101, 0, 0.0) == 10.0  # before its first token: the budget itself
+    allowance = step_allowance_ms(10.0, 101, 50, 600.0)  # 49 steps took 600 ms: 51 left
+    assert allowance == pytest.approx(400 / 51)
+    assert (600 + 51 * allowance) / 100 == pytest.approx(10.0)  # every step at the allowance: TPOT on budget
+    assert step_allowance_ms(10.0, 101, 50, 1200.0) < 0  # already lost
+    assert step_allowance_ms(None, 101, 50, 600.0) == math.inf
+    assert step_allowance_ms(10.0, 101, 101, 600.0) == math.inf  # nothing left to generate
+
+
+def _with_allowance(worker, allowance_ms):
+    from dataclasses import replace
+
+    return replace(worker, running=tuple(replace(r, step_allowance_ms=allowance_ms) for r in worker.running))
+
+
+FAST = PRESETS[-1].placement  # running rows of the fastest preset: a full-attention row is the costliest to add
+
+
+def test_a_new_row_never_slows_the_running_rows_past_their_budgets(predictor):
+    """A loose budget alone would take the best preset; the rows already running there have a TPOT budget that
+    the best preset's step would break, so the request gets the best preset whose step they can take, or
+    goes to a replica whose rows have room."""
+    policy = SlaPolicy(predictor)
+    request = RoutingRequest(30000, 200, ttft_ms=60000, tpot_ms=500)
+    worker = busy_worker("a", 3, 30000, FAST)
+    fleet = policy.fleet([worker])
+    tpot = predictor.predict(request, fleet).tpot[:, 0]
+    assert policy.decide(request, [worker]).preset == "all-attention"
+    best = tpot[0]
+    tight = _with_allowance(worker, 0.98 * best / policy.margin)  # the running rows can take a little less
+    assert fleet.step_now[0] < 0.98 * best  # and they are on budget today: worth protecting
+    decision = policy.decide(request, [tight])
+    assert decision.preset != "all-attention" and not decision.sla_at_risk
+    assert decision.reason == "best quality that meets the budget"
+    assert decision.prediction.tpot_ms <= 0.98 * best
+    assert QUALITY[decision.preset] == max(QUALITY[p.name] for i, p in enumerate(PRESETS) if tpot[i] <= 0.98 * best)
+    # the same rows, with a replica beside them whose rows have no budget: the best preset goes there
+    roomy = policy.decide(request, [tight, busy_worker("b", 3, 30000, FAST)])
+    assert (roomy.preset, roomy.replica_id) == ("all-attention", "b")
+    # off: only the request's own budget counts
+    assert SlaPolicy(predictor, protect_running=False).decide(request, [tight]).preset == "all-attention"
+
+
+def test_rows_already_past_their_budget_do_not_hold_new_requests_back(predictor):
+    policy = SlaPolicy(predictor)
+    request = RoutingRequest(30000, 200, ttft_ms=60000, tpot_ms=500)
+    worker = busy_worker("a", 3, 30000, FAST)
+    lost = _with_allowance(worker, 0.5 * policy.fleet([worker]).step_now[0])  # today's step already misses it
+    assert policy.decide(request, [lost]).preset == "all-attention"
+
+
+def test_when_every_preset_would_break_a_running_budget_the_fastest_does_least_harm(predictor):
+    policy = SlaPolicy(predictor)
+    request = RoutingRequest(30000, 200, ttft_ms=60000, tpot_ms=500)
+    worker = busy_worker("a", 3, 30000, FAST)
+    fleet = policy.fleet([worker])
+    tpot = predictor.predict(request, fleet).tpot[:, 0]
+    boxed = _with_allowance(worker, (fleet.step_now[0] + 0.5 * (tpot.min() - fleet.step_now[0])) / policy.margin)
+    decision = policy.decide(request, [boxed])
+    assert decision.reason.endswith("the running requests' budgets leave no room for a better one")
+    assert decision.prediction.completion_ms == pytest.approx(min(
+        policy.decide(RoutingRequest(30000, 200, preset=p.name), [worker]).prediction.completion_ms
+        for p in PRESETS))
+    assert not decision.sla_at_risk  # its own budget is met
+    forced = policy.decide(RoutingRequest(30000, 200, tpot_ms=500, ttft_ms=60000, preset="all-attention"), [boxed])
+    assert forced.preset == "all-attention" and forced.reason == "preset forced by the request"
