@@ -80,6 +80,8 @@ class Measurement(_Model):
     other_cpus: float | None = Field(None, ge=0, description="CPUs kept busy by other processes while profiling, "
                                      "averaged (Linux /proc/stat); above BUSY_CPUS the times are slower than the "
                                      "machine's own; null where it could not be measured (or older tables)")
+    decode_timing: str | None = Field(None, description="how decode steps and the shared layers were timed "
+                                      "(workers.profiling.DECODE_TIMING); null: one layer timed alone (older tables)")
 
 
 # Other processes' mean CPU use above which a CPU profile is not trusted as this machine's speed.

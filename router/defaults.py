@@ -97,6 +97,8 @@ def _kept_profile(folder: Path, path: Path):
         return None, f"the kept table was made by other software ({made.software})"
     if table.engine_ms is None:
         return None, "the kept table predates the engine's own step time (engine_ms)"
+    if measured.decode_timing != profiling.DECODE_TIMING:
+        return None, "the kept table timed one layer alone (a step streams every layer's cache through the CPU's)"
     if table.prefill_chunk != WorkerSettings().max_prefill_tokens:
         return None, (f"the kept table timed prefill in chunks of {table.prefill_chunk} tokens, the workers run "
                       f"{WorkerSettings().max_prefill_tokens}")

@@ -67,6 +67,9 @@ DEFAULT_GRIDS = {  # small on a CPU: the tiny checkpoint profiles in seconds
     "cuda": dict(batches=(1, 2, 4, 8, 16, 32, 64), contexts=(1024, 4096, 16384, 32768), prefill_chunk=2048),
 }
 CACHE_FILL = "random keys/values/states written into the pool blocks of rows at the context"
+# How decode and the shared layers are timed (a kept table timed otherwise is taken again).
+DECODE_TIMING = ("per layer over a stack of every layer: each mixer followed by its layer's shared part, "
+                 "minus the shared parts alone")
 
 
 class ProfileTarget:
@@ -230,6 +233,12 @@ class Timer:
                 times.append((time.perf_counter() - begin) * 1e3)
         return statistics.median(times)
 
+    def measured(self, run: Callable[[], float]) -> float:
+        """Median of what ``repeats`` runs of ``run`` return (it times itself), after ``warmup`` untimed ones."""
+        for _ in range(self.warmup):
+            run()
+        return statistics.median(run() for _ in range(self.repeats))
+
 
 def _mixer_run(model: SupernetLM, mixer, rows: int, tokens: int, context: int, seed: int = 0):
     """A closure running layer 0's ``mixer`` on ``rows`` rows of ``tokens`` new tokens after ``context`` cached
@@ -245,6 +254,60 @@ def _mixer_run(model: SupernetLM, mixer, rows: int, tokens: int, context: int, s
     module = model.blocks[0].by_kind[mixer]
     x = torch.randn(rows * tokens, model.config.hidden_size, dtype=model.dtype, device=model.device)
     return lambda: module(x, group)
+
+
+def _stack_run(model: SupernetLM, mixer, rows: int, context: int, seed: int = 0):
+    """A closure decoding one token of ``rows`` rows through every layer, each layer's ``mixer`` (on its rows'
+    caches in one pool at ``context``) followed by that layer's shared part, as a step does.
+
+    Timed through the whole stack, not one layer again and again: one layer's cache and weights stay in the
+    CPU's caches between repeats, a step's do not (every layer's keys and values stream through and push the
+    weights out). On this machine one layer timed alone missed a third of a step at 2k context and 4 rows."""
+    from workers.generate import request_pool
+
+    layers = len(model.blocks)  # the built depth (the 15B shape is built one layer deep)
+    placement = Placement.uniform(mixer, model.config.num_layers)
+    pool, blocks = request_pool(model, [(placement, context + 1)] * rows)
+    pool.fill_random(torch.Generator(device=model.device).manual_seed(seed))
+    cache = CacheRows(pool.arena, pool.tables, [b.row for b in blocks])
+    batch = ForwardBatch.build([[0]] * rows, [placement] * rows, [context] * rows, cache, model.device)
+    steps = [(model.blocks[layer].by_kind[mixer], batch.groups(layer)[mixer], model.blocks[layer])
+             for layer in range(layers)]
+    x = torch.randn(rows, model.config.hidden_size, dtype=model.dtype, device=model.device)
+    return lambda: [_shared_part(block, module(x, group)) for module, group, block in steps]
+
+
+def _shared_part(block, h: torch.Tensor) -> torch.Tensor:
+    """What a layer runs beside its mixer: the norms and the MLP (the mixer's own time is in decode/prefill)."""
+    mixed = h + block.input_layernorm(h)
+    return mixed + block.mlp(block.post_attention_layernorm(mixed))
+
+
+def _shared_stack(model: SupernetLM, tokens: int):
+    """Every layer's shared part on ``tokens`` tokens, one layer after another."""
+    h = torch.randn(tokens, model.config.hidden_size, dtype=model.dtype, device=model.device)
+    return lambda: [_shared_part(block, h) for block in model.blocks]
+
+
+def _beyond(run: Callable[[], object], base: Callable[[], object], device: torch.device) -> Callable[[], float]:
+    """A run that times ``base`` and then ``run`` back to back and returns the difference in ms, for
+    ``Timer.measured`` (synchronised with the GPU where there is one)."""
+    def difference() -> float:
+        times = []
+        for step in (base, run):
+            _synchronize(device)
+            begin = time.perf_counter()
+            step()
+            _synchronize(device)
+            times.append(time.perf_counter() - begin)
+        return (times[1] - times[0]) * 1e3
+
+    return difference
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _engine_steps(target: ProfileTarget, batches: Sequence[int], context: int, warmup: int, repeats: int,
@@ -300,26 +363,32 @@ def profile(target: ProfileTarget, batches: Sequence[int], contexts: Sequence[in
         bar.update()
         return value
 
-    decode, prefill = {}, {}
-    for mixer in mixers:
-        decode[mixer.value] = [[timed(_mixer_run(model, mixer, b, 1, c)) for c in contexts] for b in batches]
-        prefill[mixer.value] = [timed(_mixer_run(model, mixer, 1, prefill_chunk, c)) / prefill_chunk
-                                for c in prefill_contexts]
+    def measured(run: Callable[[], float]) -> float:
+        value = timer.measured(run)
+        bar.update()
+        return value
+
+    layers = len(model.blocks)  # the stacks' depth: per-layer times are their time over it
     shared, head = [], []
-    for n in tokens:
+    for n in tokens:  # per layer, timed over the stack (``_stack_run``)
         h = torch.randn(n, hidden, dtype=model.dtype, device=model.device)
         ids = torch.randint(0, config.vocab_size, (n,), device=model.device)
-
-        def layer(h=h):
-            mixed = h + block.input_layernorm(h)  # the mixer's own time is in decode/prefill
-            return mixed + block.mlp(block.post_attention_layernorm(mixed))
 
         def logits(h=h, ids=ids):
             model.model.embed_tokens(ids)
             return model.model.norm(h) @ model.head_weight.t()
 
-        shared.append(timed(layer))
+        shared.append(timed(_shared_stack(model, n)) / layers)
         head.append(timed(logits))
+    decode, prefill = {}, {}
+    for mixer in mixers:  # decode: a layer's mixer and what it does to the rest of the step (the stack's time
+        # beyond its shared parts, the two timed in turns so that a drifting CPU moves both alike); prefill:
+        # one layer's chunk, whose compute outweighs what caches change
+        decode[mixer.value] = [[max(measured(_beyond(_stack_run(model, mixer, b, c), _shared_stack(model, b),
+                                                     model.device)) / layers, 0.0)
+                                for c in contexts] for b in batches]
+        prefill[mixer.value] = [timed(_mixer_run(model, mixer, 1, prefill_chunk, c)) / prefill_chunk
+                                for c in prefill_contexts]
     steps = None
     if MIXERS[0] in block.by_kind:  # the engine's steps run all-attention rows: their parts were just timed
         def counted(run: Callable[[], float]) -> float:
@@ -359,5 +428,5 @@ def profile(target: ProfileTarget, batches: Sequence[int], contexts: Sequence[in
         tokens=tokens, shared_ms=shared, head_ms=head, engine_ms=engine,
         memory=MemoryEntry.model_validate(config.memory_model(kv_bytes=element).to_dict()),
         measurement=Measurement(warmup=warmup, repeats=repeats, cache_fill=CACHE_FILL, monotone=True,
-                                other_cpus=other_cpus),
+                                other_cpus=other_cpus, decode_timing=DECODE_TIMING),
     )

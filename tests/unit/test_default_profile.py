@@ -44,7 +44,7 @@ def kept_table(tmp_path: Path, name: str = "speed.json", **changes) -> Path:
         here = profiling.device_name(profiling.resolve_device("cpu"))
     data["fingerprint"].update(model_sha256=profiling.checkpoint_sha256(FOLDER), software=profiling.software(),
                                device=here)
-    data["measurement"].update(cache_fill=profiling.CACHE_FILL, other_cpus=0.1)
+    data["measurement"].update(cache_fill=profiling.CACHE_FILL, other_cpus=0.1, decode_timing=profiling.DECODE_TIMING)
     data.setdefault("engine_ms", [2.5] * len(data["batches"]))  # as this code's profile measures it
     data["prefill_chunk"] = WorkerSettings().max_prefill_tokens  # timed in the chunks the workers run
     if changes.pop("engine_ms__absent", False):
@@ -70,6 +70,7 @@ def test_a_table_taken_here_by_this_code_on_a_quiet_machine_is_kept(tmp_path):
     (dict(fingerprint__software="supernet-router 0.0.1, torch 1.0"), "other software (supernet-router 0.0.1"),
     (dict(measurement__cache_fill="random keys written into per-sequence caches"), "other software"),
     (dict(engine_ms__absent=True), "predates the engine's own step time"),
+    (dict(measurement__decode_timing=None), "timed one layer alone"),
     (dict(other_prefill_chunk=64), "timed prefill in chunks of 64 tokens, the workers run 256"),
 ])
 def test_a_table_that_no_longer_describes_this_machine_or_code_is_taken_again(tmp_path, changes, reason):
