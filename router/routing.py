@@ -52,6 +52,7 @@ class RoutingService:
         self.num_layers = num_layers
         self.clock = clock  # wall time: snapshots carry the worker's time.time()
         self.calibration: dict[str, float] = {}
+        self._speculation: dict[str, dict[tuple[str, str], tuple[int, int]]] = {}  # replica -> pair -> counts
         self._in_flight: dict[str, dict[str, float]] = {}  # replica -> request id -> when it was dispatched
         self._finished: dict[str, dict[str, float]] = {}  # replica -> request id -> when it finished here
         self._snapshots: dict[str, tuple[float, WorkerState]] = {}  # replica -> (stats time, state)
@@ -74,6 +75,7 @@ class RoutingService:
             cached = self._snapshots.get(replica_id)
             if cached is None or cached[0] != taken:  # a new measurement: calibrate on the rows it measured
                 self._calibrate(replica_id, stats)
+                self._observe_acceptance(replica_id, stats)
             if cached is None or cached[0] != taken or cached[1].in_flight != in_flight or cached[2] != gone:
                 cached = (taken, self._state(replica_id, stats, in_flight, gone), gone)
                 self._snapshots[replica_id] = cached
@@ -144,6 +146,17 @@ class RoutingService:
                             float(allowances.get(request_id[0], math.inf)) if request_id else math.inf),
                  request_id[0] if request_id else None)
                 for code, context, remaining, size, *request_id in stats.get("running", ())]
+
+    def _observe_acceptance(self, replica_id: str, stats: dict) -> None:
+        """Each replica's speculation counts (cumulative per pair), summed over replicas into the policy's
+        acceptance rates: the table's rates describe its own prompts, not this traffic's."""
+        pairs = stats.get("speculation")
+        if self.acceptance is None or not pairs:
+            return
+        self._speculation[replica_id] = {(t, d): (int(a), int(n)) for t, d, a, n in pairs}
+        for pair in self._speculation[replica_id]:
+            counts = [by_pair[pair] for by_pair in self._speculation.values() if pair in by_pair]
+            self.acceptance.observe(*pair, sum(a for a, _ in counts), sum(n for _, n in counts))
 
     def _calibrate(self, replica_id: str, stats: dict) -> None:
         measured_ms = stats.get("decode_step_ms")

@@ -117,6 +117,9 @@ def routing_stats(stats, arrivals: tuple[float, float] = (0.0, 0.0),
         "arrivals_per_s": round(arrivals[0], 4),
         "arrival_prompt_tokens": round(arrivals[1], 1),
         "step_allowance_ms": step_allowances or {},
+        # Per (target, draft) pair since the engine started: proposals kept and examined (acceptance on this
+        # traffic, which the router's speculation decisions use once there is enough of it).
+        "speculation": [[s.target, s.draft, s.accepted, s.accepted + s.rejected_steps] for s in stats.speculation],
     }
 
 

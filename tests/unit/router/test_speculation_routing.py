@@ -76,3 +76,14 @@ def test_a_given_draft_is_passed_through_and_a_bad_one_is_named(gateway):
     with pytest.raises(InvalidPlacement) as refused:
         gateway.prepare(request(speculation={"draft": "XYZ"}), {})
     assert refused.value.http_status == 400 and refused.value.param == "speculation.draft"
+
+
+def test_the_replicas_acceptance_on_this_traffic_turns_speculation_off(gateway):
+    """Workers report each pair's kept and examined proposals; summed over replicas they replace the table's
+    rate, and a draft this traffic mostly refuses is no longer chosen."""
+    gateway.state["stats"] = stats(7, 1000)
+    assert gateway.prepare(request(), {}).draft is not None
+    gateway.state["stats"] = {**stats(7, 1000), "speculation": [["AAAAAA", "KKKKKK", 100, 1000]]}
+    refused = gateway.prepare(request(), {})  # this snapshot's counts are read before the decision
+    assert gateway.routing.acceptance.rate("AAAAAA", "KKKKKK", sampled=False) == pytest.approx(0.1)
+    assert refused.draft is None

@@ -52,3 +52,23 @@ def test_off_and_given_speculation(policy):
     given = policy.decide(RoutingRequest(500, 20, preset=QUALITY.name, speculation="given",
                                          draft=CHEAPEST.placement, draft_tokens=3), states)
     assert (given.draft, given.draft_tokens, given.draft_preset) == (CHEAPEST.placement, 3, CHEAPEST.name)
+
+
+def test_the_service_s_own_acceptance_replaces_the_table_s_once_there_is_enough_of_it(policy):
+    """The table rates its own prompts; traffic whose text the draft predicts worse must stop speculating."""
+    from policies.speculation import LIVE_MIN_PROPOSALS
+
+    quality = RoutingRequest(32_000, 200, preset=QUALITY.name)
+    long = [busy_worker("long", 16, 32_000, budget=200 * GIB)]
+    assert policy.decide(quality, long).draft is not None
+    rates = policy.acceptance
+    for pair in [(QUALITY.placement.code, p.placement.code) for p in PRESETS[1:]]:
+        rates.observe(*pair, accepted=LIVE_MIN_PROPOSALS // 10, examined=LIVE_MIN_PROPOSALS - 1)  # too few yet
+    assert rates.rate(QUALITY.placement.code, CHEAPEST.placement.code, sampled=False) == 0.75
+    assert policy.decide(quality, long).draft is not None
+    for pair in [(QUALITY.placement.code, p.placement.code) for p in PRESETS[1:]]:
+        rates.observe(*pair, accepted=LIVE_MIN_PROPOSALS // 10, examined=LIVE_MIN_PROPOSALS)
+    assert rates.rate(QUALITY.placement.code, CHEAPEST.placement.code, sampled=True) == pytest.approx(0.1)
+    assert policy.decide(quality, long).draft is None  # a draft that is mostly refused costs more than it saves
+    rates.observe(CHEAPEST.placement.code, QUALITY.placement.code, accepted=900, examined=1000)
+    assert rates.rate(CHEAPEST.placement.code, QUALITY.placement.code, sampled=False) is None  # unrated stays so
