@@ -94,6 +94,11 @@ class WorkerUnavailable(SupernetError):
     headers = {"Retry-After": "5"}
 
 
+class ReplicaNotReached(WorkerUnavailable):
+    """A call pinned to one worker replica reached another: that one is gone, or the caller's handle does not
+    know it yet (it started a moment ago; Serve tells each handle about new replicas on its own time)."""
+
+
 class MetricsUnavailable(SupernetError):
     code = "metrics_unavailable"
     http_status = 503

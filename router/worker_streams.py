@@ -21,10 +21,12 @@ import contextvars
 import logging
 import uuid
 
-from policies.errors import SupernetError, WorkerUnavailable
+from policies.errors import ReplicaNotReached, SupernetError, WorkerUnavailable
 from router.errors import as_supernet_error
 
 log = logging.getLogger(__name__)
+# A subscription that reached another replica than its own is tried again this many times, this far apart.
+SUBSCRIBE_ATTEMPTS, SUBSCRIBE_RETRY_S = 10, 0.25
 _UNSUBMITTED = object()  # a request's replica before the submit's answer (no subscription can fail it yet)
 
 
@@ -131,13 +133,27 @@ class WorkerStreams:
     async def _read(self, replica_id: str | None) -> None:
         reason = "its stream ended"
         try:
-            stream = self._stream_handle.subscribe.remote({"ingress": self.ingress_id, "replica_id": replica_id})
-            async for message in stream:
-                requests = self._requests
-                for request_id, part in message.items():
-                    tokens = requests.get(request_id)
-                    if tokens is not None:
-                        tokens.queue.put_nowait(part)
+            for attempt in range(SUBSCRIBE_ATTEMPTS):
+                received = False
+                try:
+                    stream = self._stream_handle.subscribe.remote({"ingress": self.ingress_id,
+                                                                    "replica_id": replica_id})
+                    async for message in stream:
+                        received = True
+                        requests = self._requests
+                        for request_id, part in message.items():
+                            tokens = requests.get(request_id)
+                            if tokens is not None:
+                                tokens.queue.put_nowait(part)
+                    break
+                except Exception as exc:  # noqa: BLE001: mapped, then retried or handled below
+                    # The replica took the submit, so it lives; this handle may not know it yet (a replica
+                    # that just started reaches each handle on its own time). A replica that died stays
+                    # unknown, and its requests fail after the last attempt.
+                    if (received or attempt == SUBSCRIBE_ATTEMPTS - 1
+                            or not isinstance(as_supernet_error(exc), ReplicaNotReached)):
+                        raise
+                    await asyncio.sleep(SUBSCRIBE_RETRY_S)
         except asyncio.CancelledError:
             reason = "the ingress is stopping"
             raise

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-from policies.errors import ConfigError, EngineFailure, WorkerUnavailable
+from policies.errors import ConfigError, EngineFailure, ReplicaNotReached, WorkerUnavailable
 from policies.placement import Placement
 from policies.routing.arrivals import ArrivalMeter
 from workers.engine import AsyncEngine, Engine, EngineConfig, Request, ServingEngine
@@ -218,7 +218,7 @@ class WorkerServer:
         that the ingress ends the requests it had there."""
         wanted = request.get("replica_id")
         if wanted is not None and self.replica_id is not None and wanted != self.replica_id:
-            raise WorkerUnavailable(f"worker replica {wanted} is gone")
+            raise ReplicaNotReached(f"worker replica {wanted} is gone")
         self._ensure_started()
         async for message in self.subscriptions.stream(request["ingress"]):
             yield message

@@ -264,3 +264,46 @@ def test_a_replica_reports_how_long_a_step_its_budgeted_requests_can_still_take(
     assert before == {"b": 50}  # no token yet: the whole budget per step
     assert allowances == {"b": pytest.approx(expected, abs=1e-3)}  # the budget-free request is not listed
     assert set(stats["step_allowance_ms"]) <= {"b"}
+
+
+@pytest.mark.parametrize("unknown_for", [2, 100])
+def test_a_subscription_that_reaches_another_replica_is_tried_again_then_fails_explicitly(make_server, monkeypatch,
+                                                                                            unknown_for):
+    """Serve tells each handle about a new replica on its own time: the submit may reach a replica that the
+    stream handle does not know yet, so its pinned subscription lands elsewhere. It is tried again; a
+    replica that stays unknown (it died) fails its requests after the last attempt."""
+    from policies.errors import ReplicaNotReached
+    from router import worker_streams
+
+    monkeypatch.setattr(worker_streams, "SUBSCRIBE_RETRY_S", 0.01)
+    server = make_server()
+    tries = []
+
+    def not_yet_known(stream):
+        tries.append(1)
+        if len(tries) <= unknown_for:
+            async def elsewhere():
+                await stream.aclose()
+                raise ReplicaNotReached("worker replica r0 is gone")
+                yield  # an async generator, as Serve's streaming handle returns
+            return elsewhere()
+        return stream
+
+    async def main():
+        streams = WorkerStreams(Handle(server, subscribe=not_yet_known))
+        tokens = await streams.submit(request("r", max_tokens=20))
+        try:
+            outcome = await read(tokens)
+        except WorkerUnavailable as exc:
+            outcome = exc.message
+        await settle(server)
+        await streams.close()
+        await server.engine.stop()
+        return outcome
+
+    outcome = asyncio.run(main())
+    if unknown_for < worker_streams.SUBSCRIBE_ATTEMPTS:
+        assert outcome[1:] == (20, "length") and len(tries) == unknown_for + 1
+    else:
+        assert "worker replica serving this request failed" in outcome and "is gone" in outcome
+        assert len(tries) == worker_streams.SUBSCRIBE_ATTEMPTS
