@@ -240,17 +240,22 @@ class Timer:
         return statistics.median(run() for _ in range(self.repeats))
 
 
-def _mixer_run(model: SupernetLM, mixer, rows: int, tokens: int, context: int, seed: int = 0):
-    """A closure running layer 0's ``mixer`` on ``rows`` rows of ``tokens`` new tokens after ``context`` cached
-    ones, each row's cache in a pool as the engine keeps it (random contents)."""
+def _filled_batch(model: SupernetLM, mixer, rows: int, tokens: int, context: int, seed: int) -> ForwardBatch:
+    """``rows`` rows of ``tokens`` new tokens after ``context`` cached ones under the uniform ``mixer``
+    placement, each row's cache in a pool as the engine keeps it (random contents)."""
     from workers.generate import request_pool
 
     placement = Placement.uniform(mixer, model.config.num_layers)
     pool, blocks = request_pool(model, [(placement, context + tokens)] * rows)
     pool.fill_random(torch.Generator(device=model.device).manual_seed(seed))
     cache = CacheRows(pool.arena, pool.tables, [b.row for b in blocks])
-    batch = ForwardBatch.build([[0] * tokens] * rows, [placement] * rows, [context] * rows, cache, model.device)
-    group = batch.groups(0)[mixer]
+    return ForwardBatch.build([[0] * tokens] * rows, [placement] * rows, [context] * rows, cache, model.device)
+
+
+def _mixer_run(model: SupernetLM, mixer, rows: int, tokens: int, context: int, seed: int = 0):
+    """A closure running layer 0's ``mixer`` on ``rows`` rows of ``tokens`` new tokens after ``context`` cached
+    ones (``_filled_batch``)."""
+    group = _filled_batch(model, mixer, rows, tokens, context, seed).groups(0)[mixer]
     module = model.blocks[0].by_kind[mixer]
     x = torch.randn(rows * tokens, model.config.hidden_size, dtype=model.dtype, device=model.device)
     return lambda: module(x, group)
@@ -263,14 +268,8 @@ def _stack_run(model: SupernetLM, mixer, rows: int, context: int, seed: int = 0)
     Timed through the whole stack, not one layer again and again: one layer's cache and weights stay in the
     CPU's caches between repeats, a step's do not (every layer's keys and values stream through and push the
     weights out). On this machine one layer timed alone missed a third of a step at 2k context and 4 rows."""
-    from workers.generate import request_pool
-
     layers = len(model.blocks)  # the built depth (the 15B shape is built one layer deep)
-    placement = Placement.uniform(mixer, model.config.num_layers)
-    pool, blocks = request_pool(model, [(placement, context + 1)] * rows)
-    pool.fill_random(torch.Generator(device=model.device).manual_seed(seed))
-    cache = CacheRows(pool.arena, pool.tables, [b.row for b in blocks])
-    batch = ForwardBatch.build([[0]] * rows, [placement] * rows, [context] * rows, cache, model.device)
+    batch = _filled_batch(model, mixer, rows, 1, context, seed)
     steps = [(model.blocks[layer].by_kind[mixer], batch.groups(layer)[mixer], model.blocks[layer])
              for layer in range(layers)]
     x = torch.randn(rows, model.config.hidden_size, dtype=model.dtype, device=model.device)

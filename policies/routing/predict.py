@@ -249,8 +249,6 @@ class Predictor:
             at0 = grid(n + 1, total / (n + 1))
             marginal[cells] = at0 - now
             slope[cells] = (grid(n + 1, (total + _CONTEXT_PROBE) / (n + 1)) - at0) / _CONTEXT_PROBE
-        # Rows about to join (dispatched since the snapshot, or queued there) slow every later step: assume
-        # they cost what the running rows cost on average.
         # Rows about to join (dispatched since the snapshot, or queued there) slow every later step:
         # costed like an average running row (its marginal mixer cost, shared layers and head).
         joining = state.in_flight + state.waiting_requests

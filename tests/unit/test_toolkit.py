@@ -14,6 +14,7 @@ from policies.cost import SpeedModel
 from policies.tables import PresetsFile, QualityFile, SpeedFile, SurrogateFile, read_speed_model, read_table
 from router import toolkit_cli
 from workers import evaluation
+from workers.profiling import DECODE_TIMING
 
 
 def run(*argv: str) -> int:
@@ -56,6 +57,7 @@ def test_profile_writes_a_valid_table(speed, tiny_checkpoint):
     assert model.ttft(placement, 40).ms > 0
     assert model.homogeneous_step(placement, 8, 64).extrapolated
     assert len(table.engine_ms) == 3 and min(table.engine_ms) >= 0  # the engine's own work per step
+    assert table.measurement.decode_timing == DECODE_TIMING  # else the default service profiles at every start
 
 
 def test_the_engine_term_is_a_whole_engine_step_minus_its_model_parts(tiny_checkpoint, monkeypatch):
