@@ -178,8 +178,9 @@ async def _dashboard_load(url: str) -> list[int]:
         {**base, "max_tokens": "many"},  # invalid
     ]
     # Speculation's counters, alone after the rest: a draft equal to the target keeps every proposal, so the
-    # accepted-tokens counter gets a series too.
-    speculated = {**base, "max_tokens": 32, "speculation": {"draft": "careful", "tokens": 3}}
+    # accepted-tokens counter gets a series too. The target is forced: left to the policy, a snapshot that
+    # still shows the replica full sends it to the fastest preset, whose draft may keep nothing.
+    speculated = {**base, "max_tokens": 32, "preset": "careful", "speculation": {"draft": "careful", "tokens": 3}}
     async with httpx.AsyncClient(base_url=url, timeout=120) as http:
         gate = asyncio.Semaphore(2)
 
@@ -187,8 +188,9 @@ async def _dashboard_load(url: str) -> list[int]:
             async with gate:
                 return (await http.post("/v1/completions", json=body)).status_code
 
-        async def stream():
-            async with gate, http.stream("POST", "/v1/completions", json={**base, "stream": True, "sla": budget}) as r:
+        async def stream():  # long enough that the 0.2 s snapshots see decoding rows (the step gauges)
+            async with gate, http.stream("POST", "/v1/completions",
+                                         json={**base, "max_tokens": 256, "stream": True, "sla": budget}) as r:
                 return r.status_code if [line async for line in r.aiter_lines()] else 0
 
         statuses = await asyncio.gather(*(post(b) for b in bodies), stream(), stream())
